@@ -1,0 +1,13 @@
+"""portattn: exact FlashAttention for every CUDA GPU, Maxwell (sm_50) to Hopper.
+
+Importing does no GPU work and needs no CUDA driver; kernels compile through NVRTC on
+first use. ``explain(...)`` says which path and tiles a call would run, and why.
+"""
+__version__ = "0.1.0"
+
+from .api import Explanation, explain, flash_attn_func
+from .arch import Problem, detect, select_plan
+from .compile import KernelCompileError
+
+__all__ = ["Explanation", "KernelCompileError", "Problem", "detect", "explain",
+           "flash_attn_func", "select_plan", "__version__"]

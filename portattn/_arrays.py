@@ -1,0 +1,135 @@
+"""Zero-copy views of torch CUDA tensors and CuPy arrays: pointer, shape, strides, dtype."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+_TORCH_DTYPES = {"torch.float16": "float16", "torch.bfloat16": "bfloat16",
+                 "torch.float32": "float32", "torch.bool": "bool", "torch.float64": "float64",
+                 "torch.int32": "int32", "torch.int64": "int64", "torch.uint8": "uint8"}
+# Tests set this (testing.poisoned_outputs) so that an element a kernel fails to write
+# shows up as NaN instead of stale memory that may hold a right answer.
+poison_outputs = False
+ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "bool": 1, "float64": 8,
+            "int32": 4, "int64": 8, "uint8": 1}
+
+
+@dataclass(frozen=True)
+class ArrayView:
+    kind: str            # "torch", "cupy", or "cai" (any __cuda_array_interface__)
+    obj: object
+    shape: tuple
+    strides: tuple       # in elements
+    dtype: str
+    device: object       # "cpu" for torch CPU tensors, else the CUDA device index
+    ptr: int
+    itemsize: int
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device != "cpu"
+
+
+def _is_torch(x) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def _is_cupy(x) -> bool:
+    cupy = sys.modules.get("cupy")
+    return cupy is not None and isinstance(x, cupy.ndarray)
+
+
+def view(x, name: str) -> ArrayView:
+    if _is_torch(x):
+        dtype = _TORCH_DTYPES.get(str(x.dtype), str(x.dtype).replace("torch.", ""))
+        dev = x.device
+        return ArrayView("torch", x, tuple(x.shape), tuple(x.stride()), dtype,
+                         dev.index if dev.type == "cuda" else "cpu",
+                         x.data_ptr(), x.element_size())
+    if _is_cupy(x):
+        itemsize = x.dtype.itemsize
+        if any(s % itemsize for s in x.strides):
+            raise ValueError(f"{name} has strides {x.strides} that are not whole elements")
+        return ArrayView("cupy", x, tuple(x.shape), tuple(s // itemsize for s in x.strides),
+                         x.dtype.name, x.device.id, x.data.ptr, itemsize)
+    cai = getattr(x, "__cuda_array_interface__", None)
+    if isinstance(cai, dict):
+        return _view_cai(x, cai, name)
+    raise TypeError(f"{name} must be a torch CUDA tensor, a CuPy array or an object with "
+                    f"__cuda_array_interface__, got {type(x).__module__}.{type(x).__qualname__}")
+
+
+_TYPESTR = {"f2": "float16", "f4": "float32", "f8": "float64", "b1": "bool", "i4": "int32",
+            "i8": "int64", "u1": "uint8"}
+
+
+def _view_cai(x, cai: dict, name: str) -> ArrayView:
+    """Any producer of the CUDA array interface (Numba, ...); results come back as CuPy."""
+    typestr = str(cai.get("typestr", ""))
+    dtype = _TYPESTR.get(typestr[1:])
+    if dtype is None:
+        raise TypeError(f"{name} has unsupported __cuda_array_interface__ typestr {typestr!r}")
+    itemsize = ITEMSIZE[dtype]
+    shape = tuple(int(n) for n in cai["shape"])
+    strides = cai.get("strides")
+    if strides is None:
+        strides, acc = [], itemsize
+        for n in reversed(shape):
+            strides.insert(0, acc)
+            acc *= max(n, 1)
+    if any(int(s) % itemsize for s in strides):
+        raise ValueError(f"{name} has strides {tuple(strides)} that are not whole elements")
+    ptr = int(cai["data"][0])
+    return ArrayView("cai", x, shape, tuple(int(s) // itemsize for s in strides), dtype,
+                     _cai_device(ptr), ptr, itemsize)
+
+
+def _cai_device(ptr: int):
+    """The device owning ``ptr``; 0 when no driver can be asked (validation still runs)."""
+    cupy = sys.modules.get("cupy")
+    if cupy is None or ptr == 0:
+        return 0
+    try:
+        attrs = cupy.cuda.runtime.pointerGetAttributes(ptr)
+        return int(attrs.device)
+    except Exception:
+        return 0
+
+
+def empty(like: ArrayView, shape, dtype: str):
+    """An uninitialised contiguous array of ``like``'s library (CuPy for CAI producers)."""
+    if like.kind == "torch":
+        import torch
+        out = torch.empty(shape, dtype=getattr(torch, dtype), device=f"cuda:{like.device}")
+        if poison_outputs:
+            out.fill_(float("nan"))
+        return out
+    import cupy
+    with cupy.cuda.Device(like.device):
+        out = cupy.empty(shape, dtype=_cupy_dtype(dtype))
+        if poison_outputs:
+            out.fill(float("nan"))
+        return out
+
+
+def _cupy_dtype(dtype: str):
+    import numpy as np
+    if dtype == "bfloat16":
+        import cupy
+        bf16 = getattr(cupy, "bfloat16", None)
+        if bf16 is None:
+            raise TypeError("this CuPy has no bfloat16 dtype; pass torch tensors for bfloat16")
+        return bf16
+    return np.dtype(dtype)
+
+
+def stream_for(like: ArrayView):
+    """The caller's current stream, as a CuPy stream object."""
+    import cupy
+    if like.kind == "torch":
+        import torch
+        ptr = torch.cuda.current_stream(like.device).cuda_stream
+        return cupy.cuda.ExternalStream(ptr, like.device)
+    with cupy.cuda.Device(like.device):
+        return cupy.cuda.get_current_stream()

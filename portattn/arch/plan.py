@@ -1,0 +1,203 @@
+"""Plan selection: which code path and tiles run a problem on a device, and why.
+
+``select_plan`` is pure (no CUDA calls) and compares integers read from the arch table,
+so the same decision is printed by ``report --arch`` with no GPU, checked by the compile
+gate, and taken at run time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..spec import DTYPES, MAX_HEAD_DIM, KernelSpec, head_dim_bucket
+from .device import DeviceInfo
+from .table import MMA_M8N8K4, MMA_M16N8K8, MMA_M16N8K16, MMA_NAMES
+
+@dataclass(frozen=True)
+class Problem:
+    """The integers and flags a plan depends on (no array, no device pointer)."""
+    dtype: str
+    head_dim: int
+    seqlen_q: int = 1024
+    seqlen_k: int = 1024
+    batch: int = 1
+    nheads_q: int = 1
+    nheads_kv: int = 1
+    causal: bool = False
+    window: tuple = (-1, -1)
+    alibi: bool = False
+    softcap: bool = False
+    bias: bool = False
+
+
+@dataclass(frozen=True)
+class Plan:
+    path: str
+    spec: KernelSpec
+    smem_bytes: int
+    ctas_per_sm: int         # resident CTAs allowed by smem, threads and the CTA limit
+    reason: str
+    rejected: tuple          # ((path, why), ...) for every other path
+    plan_cc: int
+
+    @property
+    def warps_per_sm(self) -> int:
+        return self.ctas_per_sm * self.spec.threads // 32
+
+    def describe(self) -> str:
+        s = self.spec
+        lines = [f"path {self.path} on sm_{self.plan_cc}: {s.short()}, "
+                 f"{self.smem_bytes // 1024} KB smem, {self.ctas_per_sm} CTA(s)/SM by smem",
+                 f"  why: {self.reason}"]
+        lines += [f"  not {p}: {why}" for p, why in self.rejected]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _Path:
+    name: str
+    mma: int                 # minimum MMA level (MMA_NONE for SIMT)
+    dtypes: tuple
+    needs_ldmatrix: bool = False
+    needs_cp_async: bool = False
+    implemented: bool = False
+
+
+# Preference order: the first path that is eligible and implemented runs.
+PATHS = (
+    _Path("sm80", MMA_M16N8K16, ("float16", "bfloat16"), True, True),
+    _Path("sm75", MMA_M16N8K8, ("float16",), True),
+    _Path("sm70", MMA_M8N8K4, ("float16",)),
+    _Path("simt", 0, DTYPES, implemented=True),
+)
+PATH_NAMES = tuple(p.name for p in PATHS)
+
+# SIMT tile candidates (block_m, block_n, threads, tx), best first. tx threads share a
+# query row group; each holds rows block_m/(threads/tx) x cols block_n/tx of S.
+SIMT_TILES = (
+    (64, 64, 128, 8),
+    (64, 32, 128, 8),
+    (32, 64, 128, 8),
+    (32, 32, 128, 8),
+    (16, 32, 128, 8),
+    (16, 16, 64, 4),
+)
+# Per-thread accumulator budgets that keep ptxas within 255 registers with no spills
+# (checked by the compile gate): O rows x O cols, and the S micro-tile.
+SIMT_MAX_O_REGS = 64
+SIMT_MAX_S_REGS = 32
+TARGET_WARPS_PER_SM = 8
+
+
+def _path_hw_reason(path: _Path, f, dtype: str):
+    """Why ``path`` cannot run ``dtype`` on arch facts ``f``; None if it can."""
+    if f.mma < path.mma:
+        have = MMA_NAMES[f.mma] if f.mma else "no tensor-core MMA"
+        return f"needs {MMA_NAMES[path.mma]}; {f.name} has {have}"
+    if path.needs_ldmatrix and not f.ldmatrix:
+        return f"needs ldmatrix; {f.name} lacks it"
+    if path.needs_cp_async and not f.cp_async:
+        return f"needs cp.async; {f.name} lacks it"
+    if dtype not in path.dtypes:
+        if dtype == "bfloat16" and path.mma and path.mma < MMA_M16N8K16:
+            return f"{MMA_NAMES[path.mma]} has no bfloat16 form (bf16 MMA needs sm_80)"
+        if dtype == "float32" and path.mma:
+            return "float32 inputs have no tensor-core form here; SIMT keeps full fp32"
+        return f"does not take {dtype}"
+    if path.mma == MMA_M8N8K4 and f.mma > MMA_M8N8K4:
+        return (f"{MMA_NAMES[MMA_M8N8K4]} is emulated at a fraction of the rate on "
+                f"{f.name}, which has {MMA_NAMES[f.mma]}")
+    return None
+
+
+def ctas_per_sm(device: DeviceInfo, threads: int, smem: int) -> int:
+    f = device.facts
+    by_smem = device.smem_per_sm // (smem + f.smem_reserved_per_block) if smem else f.max_ctas_per_sm
+    return max(0, min(by_smem, f.max_ctas_per_sm, f.max_threads_per_sm // threads))
+
+
+def simt_tile_candidates(head_dim_padded: int):
+    """SIMT tiles whose per-thread accumulators fit the register budget."""
+    out = []
+    for bm, bn, threads, tx in SIMT_TILES:
+        ty = threads // tx
+        rm, rn = bm // ty, bn // tx
+        if rm * (head_dim_padded // tx) <= SIMT_MAX_O_REGS and rm * rn <= SIMT_MAX_S_REGS:
+            out.append((bm, bn, threads, tx))
+    return out
+
+
+def _plan_simt(device: DeviceInfo, problem: Problem):
+    d = head_dim_bucket(problem.head_dim)
+    fitting = []
+    for bm, bn, threads, tx in simt_tile_candidates(d):
+        spec = KernelSpec("simt_fwd", problem.dtype, d, bm, bn, threads, tx)
+        smem = spec.smem_bytes
+        if smem > device.smem_per_block:
+            continue
+        fitting.append((spec, smem, ctas_per_sm(device, threads, smem)))
+    if not fitting:
+        return None, (f"no SIMT tile for head dim {d} fits {device.smem_per_block // 1024} KB "
+                      f"of shared memory per block")
+    lim = f"{device.smem_per_block // 1024} KB/block, {device.smem_per_sm // 1024} KB/SM"
+    for spec, smem, ctas in fitting:
+        if ctas * spec.threads // 32 >= TARGET_WARPS_PER_SM:
+            first = spec is fitting[0][0]
+            why = ("largest tile" if first else "largest tile that keeps") + (
+                f" {TARGET_WARPS_PER_SM}+ warps/SM resident ({ctas} CTAs x "
+                f"{spec.threads // 32} warps) in {lim}")
+            return (spec, smem, ctas), why
+    best = max(fitting, key=lambda t: t[2] * t[0].threads)
+    spec, smem, ctas = best
+    why = (f"no tile reaches {TARGET_WARPS_PER_SM} warps/SM in {lim}; this one keeps the most "
+           f"({ctas} CTA(s) x {spec.threads // 32} warps)")
+    return best, why
+
+
+_PLANNERS = {"simt": _plan_simt}
+
+
+def validate_problem(problem: Problem) -> None:
+    if problem.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {problem.dtype!r}")
+    if not 1 <= problem.head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim must be in 1..{MAX_HEAD_DIM}, got {problem.head_dim}")
+
+
+def select_plan(device: DeviceInfo, problem: Problem) -> Plan:
+    """Choose the path and tiles for ``problem`` on ``device``; pure and deterministic."""
+    validate_problem(problem)
+    f = device.facts
+    chosen = None
+    rejected = []
+    for path in PATHS:
+        why = _path_hw_reason(path, f, problem.dtype)
+        if why is None and not path.implemented:
+            why = "not implemented in this release of portattn"
+        if why is None and chosen is not None:
+            why = f"lower preference than {chosen[0]}"
+        if why is None:
+            picked, tile_why = _PLANNERS[path.name](device, problem)
+            if picked is None:
+                why = tile_why
+            else:
+                head = (f"{'fastest path available' if not rejected else 'first eligible path'}"
+                        f" for {problem.dtype} on {f.name}")
+                chosen = (path.name, picked, f"{head}; tiles: {tile_why}")
+                continue
+        rejected.append((path.name, why))
+    if chosen is None:
+        raise ValueError(f"no path can run {problem} on {device.describe()}: " +
+                         "; ".join(f"{p}: {w}" for p, w in rejected))
+    name, (spec, smem, ctas), reason = chosen
+    return Plan(path=name, spec=spec, smem_bytes=smem, ctas_per_sm=ctas, reason=reason,
+                rejected=tuple(rejected), plan_cc=device.plan_cc)
+
+
+def all_specs_for(device: DeviceInfo):
+    """Every KernelSpec select_plan can return on ``device`` (for the compile gate)."""
+    specs = {}
+    for dtype in DTYPES:
+        for d in range(32, MAX_HEAD_DIM + 1, 32):
+            plan = select_plan(device, Problem(dtype=dtype, head_dim=d))
+            specs[plan.spec] = plan
+    return specs

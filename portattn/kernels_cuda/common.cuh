@@ -1,0 +1,162 @@
+// Device helpers shared by every portattn kernel family.
+// No CUDA headers are included: NVRTC 11.x-13.x all compile this as-is, and the element
+// types are plain 16-bit payloads converted with PTX that exists on every target (sm_50+).
+#pragma once
+
+namespace portattn {
+
+struct half_t { unsigned short bits; };
+struct bf16_t { unsigned short bits; };
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(half_t x) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
+  return f;
+}
+__device__ __forceinline__ float to_float(bf16_t x) {
+  return __uint_as_float(static_cast<unsigned>(x.bits) << 16);
+}
+
+template <class T> __device__ __forceinline__ T from_float(float f);
+template <> __device__ __forceinline__ float from_float<float>(float f) { return f; }
+template <> __device__ __forceinline__ half_t from_float<half_t>(float f) {
+  half_t h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(f));
+  return h;
+}
+// cvt.rn.bf16.f32 needs sm_80; round to nearest even by hand so every arch rounds alike.
+template <> __device__ __forceinline__ bf16_t from_float<bf16_t>(float f) {
+  unsigned u = __float_as_uint(f);
+  bf16_t h;
+  if ((u & 0x7fffffffu) > 0x7f800000u) {
+    h.bits = static_cast<unsigned short>((u >> 16) | 0x40u);  // keep NaN a (quiet) NaN
+  } else {
+    h.bits = static_cast<unsigned short>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  }
+  return h;
+}
+
+// ex2.approx: one MUFU op; exp2(-inf) = +0, which the online softmax relies on.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Read-only global loads through the non-coherent (texture/L1) path: Maxwell and Pascal
+// cache ordinary global loads in L2 only.
+__device__ __forceinline__ float ldg_float(const float* p) { return __ldg(p); }
+__device__ __forceinline__ float ldg_float(const half_t* p) {
+  half_t h;
+  h.bits = __ldg(reinterpret_cast<const unsigned short*>(p));
+  return to_float(h);
+}
+__device__ __forceinline__ float ldg_float(const bf16_t* p) {
+  bf16_t h;
+  h.bits = __ldg(reinterpret_cast<const unsigned short*>(p));
+  return to_float(h);
+}
+
+// Eight consecutive elements as floats; zeros past ``n``. ``vec`` promises 16-byte
+// alignment of p, so a full chunk is one or two 16-byte loads.
+template <class T>
+__device__ __forceinline__ void load8(float (&x)[8], const T* p, int n, bool vec) {
+  if (vec && n >= 8) {
+    if constexpr (sizeof(T) == 2) {
+      uint4 w = __ldg(reinterpret_cast<const uint4*>(p));
+      const unsigned words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        T lo, hi;
+        lo.bits = static_cast<unsigned short>(words[i] & 0xffffu);
+        hi.bits = static_cast<unsigned short>(words[i] >> 16);
+        x[2 * i] = to_float(lo);
+        x[2 * i + 1] = to_float(hi);
+      }
+    } else {
+      float4 a = __ldg(reinterpret_cast<const float4*>(p));
+      float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
+      x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w;
+      x[4] = b.x; x[5] = b.y; x[6] = b.z; x[7] = b.w;
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) x[e] = e < n ? ldg_float(p + e) : 0.f;
+  }
+}
+
+// N consecutive floats from shared memory, 4N-byte aligned.
+template <int N>
+__device__ __forceinline__ void lds_vec(float (&x)[N], const float* p) {
+  static_assert(N == 1 || N == 2 || N == 4 || N == 8, "vector width");
+  if constexpr (N == 1) {
+    x[0] = p[0];
+  } else if constexpr (N == 2) {
+    float2 a = *reinterpret_cast<const float2*>(p);
+    x[0] = a.x; x[1] = a.y;
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; i += 4) {
+      float4 a = *reinterpret_cast<const float4*>(p + i);
+      x[i] = a.x; x[i + 1] = a.y; x[i + 2] = a.z; x[i + 3] = a.w;
+    }
+  }
+}
+
+// Reductions across the W consecutive lanes that share a row group (W a power of two).
+template <int W>
+__device__ __forceinline__ float group_max(float x) {
+#pragma unroll
+  for (int o = W / 2; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+template <int W>
+__device__ __forceinline__ float group_sum(float x) {
+#pragma unroll
+  for (int o = W / 2; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// Score modifiers and masks, shared by every family so all paths agree with reference.py.
+// Scores arrive in the log2 domain: q was pre-scaled by softmax_scale * log2(e).
+struct ScoreMods {
+  float softcap_log2;    // softcap * log2(e); 0 disables
+  float alibi_log2;      // slope * log2(e) for this (batch, head); 0 disables
+  const void* bias;      // already offset to this (batch, head); null disables
+  long long bias_sq, bias_sk;
+  int bias_kind;         // 1 float32, 2 float16, 3 bfloat16, 4 bool (nonzero keeps)
+  int win_left, win_right, diag_off, sk;
+
+  __device__ __forceinline__ bool any() const {
+    return softcap_log2 > 0.f || alibi_log2 != 0.f || bias_kind != 0;
+  }
+  // Key j visible to query i: inside [0, sk) and the (bottom-right or top-left aligned) window.
+  __device__ __forceinline__ bool visible(int i, int j) const {
+    return j < sk && (win_left < 0 || j >= i + diag_off - win_left) &&
+           (win_right < 0 || j <= i + diag_off + win_right);
+  }
+  __device__ __forceinline__ float apply(float s, int i, int j) const {
+    if (!visible(i, j)) return neg_inf();
+    if (softcap_log2 > 0.f) s = softcap_log2 * tanhf(s / softcap_log2);
+    if (alibi_log2 != 0.f) s -= alibi_log2 * fabsf(static_cast<float>(i + diag_off - j));
+    if (bias_kind != 0) {
+      const long long off = i * bias_sq + j * bias_sk;
+      switch (bias_kind) {
+        case 1: s += kLog2e * ldg_float(static_cast<const float*>(bias) + off); break;
+        case 2: s += kLog2e * ldg_float(static_cast<const half_t*>(bias) + off); break;
+        case 3: s += kLog2e * ldg_float(static_cast<const bf16_t*>(bias) + off); break;
+        default:
+          if (__ldg(static_cast<const unsigned char*>(bias) + off) == 0) s = neg_inf();
+      }
+    }
+    return s;
+  }
+};
+
+}  // namespace portattn

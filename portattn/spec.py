@@ -1,0 +1,56 @@
+"""KernelSpec: the frozen description of one compiled kernel (one RawModule).
+
+Pure Python with no CUDA dependency so that plans, the report and the compile gate can
+build and print specs on a machine with no GPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DTYPES = ("float16", "bfloat16", "float32")
+DTYPE_CTYPE = {"float16": "portattn::half_t", "bfloat16": "portattn::bf16_t", "float32": "float"}
+DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+
+MAX_HEAD_DIM = 256
+# Head dims are padded inside the kernel up to a multiple of this; each bucket is one compile.
+HEAD_DIM_GRANULE = 32
+HEAD_DIM_BUCKETS = tuple(range(HEAD_DIM_GRANULE, MAX_HEAD_DIM + 1, HEAD_DIM_GRANULE))
+
+
+def head_dim_bucket(head_dim: int) -> int:
+    return -(-head_dim // HEAD_DIM_GRANULE) * HEAD_DIM_GRANULE
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One template instantiation. Everything that changes the generated code is here;
+    run-time features (masks, ALiBi, softcap, bias) are kernel arguments, not variants."""
+    family: str          # kernel family == .cu file stem, e.g. "simt_fwd"
+    dtype: str           # element type of q/k/v/out
+    head_dim: int        # padded head dim (a HEAD_DIM_BUCKETS value)
+    block_m: int         # query rows per CTA
+    block_n: int         # key rows per K/V tile
+    threads: int
+    tx: int              # threads sharing one query row group
+
+    @property
+    def name_expression(self) -> str:
+        return (f"portattn::{self.family}_kernel<{DTYPE_CTYPE[self.dtype]}, {self.head_dim}, "
+                f"{self.block_m}, {self.block_n}, {self.threads}, {self.tx}>")
+
+    @property
+    def smem_bytes(self) -> int:
+        return SMEM_BYTES[self.family](self)
+
+    def short(self) -> str:
+        return (f"{self.family}/{self.dtype}/d{self.head_dim}/"
+                f"{self.block_m}x{self.block_n}/t{self.threads}")
+
+
+def simt_fwd_smem_bytes(spec: KernelSpec) -> int:
+    """fp32 staging: Q^T (D x BM), K^T (D x BN) sharing space with P^T (BN x BM), V (BN x D)."""
+    d, bm, bn = spec.head_dim, spec.block_m, spec.block_n
+    return 4 * (d * bm + max(d * bn, bn * bm) + bn * d)
+
+
+SMEM_BYTES = {"simt_fwd": simt_fwd_smem_bytes}

@@ -1,0 +1,139 @@
+"""Checking kernels against reference.py: shared by the GPU tests and `report --selftest`.
+
+Tolerance as flash_attn's tests do it: max|out - ref64| <= 2 * max|ref_lowp - ref64| + atol,
+where ref_lowp is the reference computed in the input precision (reference.py's
+``precision``) and atol is one unit in the last place of the input dtype at the output's
+magnitude (it only matters where ref_lowp happens to be exact, e.g. seqlen_k == 1).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _arrays
+from .reference import attention_ref, round_to
+
+EPS = {"float16": 2.0 ** -10, "bfloat16": 2.0 ** -7, "float32": 2.0 ** -20}
+
+
+@dataclass(frozen=True)
+class Check:
+    ok: bool
+    err: float          # max |out - ref64|
+    bound: float        # 2 * max |ref_lowp - ref64| + atol
+    unwritten: int      # elements still holding the NaN poison (or any non-finite value)
+    what: str = "out"
+
+    def __str__(self) -> str:
+        state = "ok" if self.ok else "FAIL"
+        extra = f", {self.unwritten} non-finite" if self.unwritten else ""
+        return f"{self.what}: {state} err {self.err:.3g} <= bound {self.bound:.3g}{extra}"
+
+
+def compare(out, ref64, ref_lowp, dtype: str, what: str = "out") -> Check:
+    out = np.asarray(out, dtype=np.float64)
+    ref64 = np.asarray(ref64, dtype=np.float64)
+    finite_ref = np.isfinite(ref64)
+    # lse may legitimately be -inf (fully masked rows): those must match exactly.
+    bad = int(np.sum(~np.isfinite(out) & finite_ref) + np.sum(finite_ref != np.isfinite(out)))
+    mism_inf = int(np.sum(~finite_ref & (out != ref64)))
+    if out.size == 0:
+        return Check(True, 0.0, 0.0, 0, what)
+    f = finite_ref & np.isfinite(out)
+    err = float(np.max(np.abs(out[f] - ref64[f]), initial=0.0))
+    base = float(np.max(np.abs(np.asarray(ref_lowp, np.float64)[f] - ref64[f]), initial=0.0))
+    scale = max(1.0, float(np.max(np.abs(ref64[f]), initial=0.0)))
+    bound = 2.0 * base + EPS[dtype] * scale
+    return Check(err <= bound and bad == 0 and mism_inf == 0, err, bound, bad + mism_inf, what)
+
+
+def to_numpy(x) -> np.ndarray:
+    v = _arrays.view(x, "x")
+    if v.kind == "torch":
+        return x.detach().float().cpu().numpy().astype(np.float64)
+    import cupy
+    return cupy.asnumpy(x).astype(np.float64)
+
+
+def to_device(a: np.ndarray, kind: str, dtype: str, device: int = 0):
+    """``a`` (already representable in ``dtype``) as a ``kind`` array on the GPU."""
+    if kind == "torch":
+        import torch
+        t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+        return t.to(device=f"cuda:{device}", dtype=getattr(torch, dtype))
+    import cupy
+    with cupy.cuda.Device(device):
+        return cupy.asarray(np.asarray(a, dtype=np.float32).astype(dtype))
+
+
+def random_inputs(rng: np.random.Generator, shape, dtype: str, scale: float = 1.0) -> np.ndarray:
+    """Normal(0, scale) values that are exactly representable in ``dtype`` (as float32)."""
+    x = rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)
+    return round_to(x, dtype).astype(np.float32)
+
+
+@contextlib.contextmanager
+def poisoned_outputs():
+    """Fill every output portattn allocates with NaN before launch."""
+    old = _arrays.poison_outputs
+    _arrays.poison_outputs = True
+    try:
+        yield
+    finally:
+        _arrays.poison_outputs = old
+
+
+@contextlib.contextmanager
+def forced_arch(cc):
+    """Plan as if on sm_``cc`` (None: the real GPU) for the duration."""
+    old = os.environ.get("PORTATTN_ARCH")
+    if cc is None:
+        os.environ.pop("PORTATTN_ARCH", None)
+    else:
+        os.environ["PORTATTN_ARCH"] = f"sm_{cc}"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("PORTATTN_ARCH", None)
+        else:
+            os.environ["PORTATTN_ARCH"] = old
+
+
+def check_forward(fn_kwargs: dict, arrays: dict, dtype: str, kind: str, flash_attn_func):
+    """Run flash_attn_func on device copies of ``arrays`` (numpy q, k, v, optional bias /
+    alibi_slopes) and compare out and lse with the float64 and same-precision references."""
+    dev = {n: to_device(a, kind, dtype) for n, a in arrays.items() if n in ("q", "k", "v")}
+    extra = {}
+    if arrays.get("alibi_slopes") is not None:
+        extra["alibi_slopes"] = to_device(arrays["alibi_slopes"], kind, "float32")
+    bias = arrays.get("bias")
+    if bias is not None:
+        bdtype = "bool" if bias.dtype == np.bool_ else "float32"
+        extra["bias"] = (to_device(bias, kind, "float32") if bdtype == "float32"
+                         else _bool_to_device(bias, kind))
+    with poisoned_outputs():
+        out, lse = flash_attn_func(dev["q"], dev["k"], dev["v"], return_lse=True,
+                                   **fn_kwargs, **extra)
+    ref_kwargs = {k: v for k, v in fn_kwargs.items() if k not in ("deterministic",)}
+    np_extra = {n: arrays[n] for n in ("alibi_slopes", "bias") if arrays.get(n) is not None}
+    ref64, lse64 = attention_ref(arrays["q"], arrays["k"], arrays["v"], return_lse=True,
+                                 **ref_kwargs, **np_extra)
+    low, lse_low = attention_ref(arrays["q"], arrays["k"], arrays["v"], return_lse=True,
+                                 precision=dtype, **ref_kwargs, **np_extra)
+    c_out = compare(to_numpy(out), ref64, low, dtype, "out")
+    # lse is fp32 whatever the input dtype; judge it against the input-precision reference.
+    c_lse = compare(to_numpy(lse), lse64, lse_low, "float32" if dtype == "float32" else dtype,
+                    "lse")
+    return c_out, c_lse
+
+
+def _bool_to_device(mask: np.ndarray, kind: str):
+    if kind == "torch":
+        import torch
+        return torch.from_numpy(np.ascontiguousarray(mask)).to("cuda")
+    import cupy
+    return cupy.asarray(mask)
