@@ -129,7 +129,9 @@ def stream_for(like: ArrayView):
     import cupy
     if like.kind == "torch":
         import torch
-        ptr = torch.cuda.current_stream(like.device).cuda_stream
-        return cupy.cuda.ExternalStream(ptr, like.device)
+        ts = torch.cuda.current_stream(like.device)
+        if hasattr(cupy.cuda.Stream, "from_external") and hasattr(ts, "__cuda_stream__"):
+            return cupy.cuda.Stream.from_external(ts)
+        return cupy.cuda.ExternalStream(ts.cuda_stream, like.device)
     with cupy.cuda.Device(like.device):
         return cupy.cuda.get_current_stream()

@@ -126,31 +126,37 @@ def simt_tile_candidates(head_dim_padded: int):
     return out
 
 
+def simt_fma_per_load(bm: int, bn: int, threads: int, tx: int) -> float:
+    """FMAs per shared-memory load instruction in the S = QK^T loop: RM rows of Q^T
+    (16-byte vectors) and RN columns of K^T per head-dim step, RM*RN FMAs."""
+    rm, rn = bm // (threads // tx), bn // tx
+    return rm * rn / (-(-rm // 4) + rn // 4)
+
+
 def _plan_simt(device: DeviceInfo, problem: Problem):
+    """Pick the tile maximising (FMAs per shared load) x min(resident warps, 8) / 8: the
+    inner loop's issue efficiency, discounted when too few warps hide latency."""
     d = head_dim_bucket(problem.head_dim)
-    fitting = []
+    lim = f"{device.smem_per_block // 1024} KB/block, {device.smem_per_sm // 1024} KB/SM"
+    best, best_score = None, -1.0
     for bm, bn, threads, tx in simt_tile_candidates(d):
         spec = KernelSpec("simt_fwd", problem.dtype, d, bm, bn, threads, tx)
         smem = spec.smem_bytes
         if smem > device.smem_per_block:
             continue
-        fitting.append((spec, smem, ctas_per_sm(device, threads, smem)))
-    if not fitting:
+        ctas = ctas_per_sm(device, threads, smem)
+        warps = ctas * threads // 32
+        score = simt_fma_per_load(bm, bn, threads, tx) * min(warps, TARGET_WARPS_PER_SM)
+        if score > best_score:
+            best, best_score = (spec, smem, ctas), score
+    if best is None:
         return None, (f"no SIMT tile for head dim {d} fits {device.smem_per_block // 1024} KB "
                       f"of shared memory per block")
-    lim = f"{device.smem_per_block // 1024} KB/block, {device.smem_per_sm // 1024} KB/SM"
-    for spec, smem, ctas in fitting:
-        if ctas * spec.threads // 32 >= TARGET_WARPS_PER_SM:
-            first = spec is fitting[0][0]
-            why = ("largest tile" if first else "largest tile that keeps") + (
-                f" {TARGET_WARPS_PER_SM}+ warps/SM resident ({ctas} CTAs x "
-                f"{spec.threads // 32} warps) in {lim}")
-            return (spec, smem, ctas), why
-    best = max(fitting, key=lambda t: t[2] * t[0].threads)
     spec, smem, ctas = best
-    why = (f"no tile reaches {TARGET_WARPS_PER_SM} warps/SM in {lim}; this one keeps the most "
-           f"({ctas} CTA(s) x {spec.threads // 32} warps)")
-    return best, why
+    fpl = simt_fma_per_load(spec.block_m, spec.block_n, spec.threads, spec.tx)
+    return best, (f"{spec.block_m}x{spec.block_n} tile: best of {fpl:.1f} FMAs per shared "
+                  f"load x {ctas} CTA(s) of {spec.threads // 32} warps resident "
+                  f"(target {TARGET_WARPS_PER_SM} warps) in {lim}")
 
 
 _PLANNERS = {"simt": _plan_simt}
@@ -180,9 +186,9 @@ def select_plan(device: DeviceInfo, problem: Problem) -> Plan:
             if picked is None:
                 why = tile_why
             else:
-                head = (f"{'fastest path available' if not rejected else 'first eligible path'}"
+                head = (f"{'fastest path' if not rejected else 'the only eligible path'}"
                         f" for {problem.dtype} on {f.name}")
-                chosen = (path.name, picked, f"{head}; tiles: {tile_why}")
+                chosen = (path.name, picked, f"{head}; {tile_why}")
                 continue
         rejected.append((path.name, why))
     if chosen is None:

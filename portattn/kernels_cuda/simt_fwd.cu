@@ -60,7 +60,7 @@ __device__ __forceinline__ void stage_rows(float* dst, const T* src, long long r
 }
 
 template <class T, int D, int BM, int BN, int NT, int TX>
-__global__ void __launch_bounds__(NT) simt_fwd_kernel(
+__global__ void __launch_bounds__(NT, 1) simt_fwd_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
     T* __restrict__ o, float* __restrict__ lse, const void* __restrict__ bias,
     const float* __restrict__ alibi,
