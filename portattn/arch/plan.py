@@ -76,15 +76,21 @@ PATH_NAMES = tuple(p.name for p in PATHS)
 SIMT_TILES = (
     (64, 64, 128, 8),
     (64, 32, 128, 8),
+    (128, 64, 256, 8),
+    (128, 32, 256, 8),
     (32, 64, 128, 8),
     (32, 32, 128, 8),
     (16, 32, 128, 8),
     (16, 16, 64, 4),
 )
 # Per-thread accumulator budgets that keep ptxas within 255 registers with no spills
-# (checked by the compile gate): O rows x O cols, and the S micro-tile.
-SIMT_MAX_O_REGS = 64
+# (checked by the compile gate): O rows x O cols, the S micro-tile, and O + 2*S (S's
+# operands stay live across the unrolled QK^T loop, so S weighs double). Measured with
+# NVRTC 12.9, sm_52..sm_90: O+2S = 160 compiles to 208-237 registers; 176 (d224 128x64)
+# to 253 and 192 (d256 64x64) to 247-255, too close to the limit to admit.
+SIMT_MAX_O_REGS = 128
 SIMT_MAX_S_REGS = 32
+SIMT_MAX_ACC_REGS = 160
 TARGET_WARPS_PER_SM = 8
 
 
@@ -121,7 +127,9 @@ def simt_tile_candidates(head_dim_padded: int):
     for bm, bn, threads, tx in SIMT_TILES:
         ty = threads // tx
         rm, rn = bm // ty, bn // tx
-        if rm * (head_dim_padded // tx) <= SIMT_MAX_O_REGS and rm * rn <= SIMT_MAX_S_REGS:
+        o_regs, s_regs = rm * (head_dim_padded // tx), rm * rn
+        if (o_regs <= SIMT_MAX_O_REGS and s_regs <= SIMT_MAX_S_REGS
+                and o_regs + 2 * s_regs <= SIMT_MAX_ACC_REGS):
             out.append((bm, bn, threads, tx))
     return out
 
