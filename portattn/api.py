@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,7 +117,7 @@ def _prepare(q, k, v, *, dropout_p, softmax_scale, causal, window_size, softcap,
             raise ValueError(f"{name}.shape[-1] (head dim) must equal q.shape[-1] = {d}, "
                              f"got {x.shape[3]}")
 
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+    if not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
     if dropout_p > 0.0:
         raise NotImplementedError("dropout_p > 0 is not implemented yet in portattn "
@@ -128,12 +129,12 @@ def _prepare(q, k, v, *, dropout_p, softmax_scale, causal, window_size, softcap,
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(d)
-    if not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale):
+    if not isinstance(softmax_scale, numbers.Real) or not math.isfinite(softmax_scale):
         raise ValueError(f"softmax_scale must be a finite float, got {softmax_scale!r}")
-    if not isinstance(softcap, (int, float)) or not (math.isfinite(softcap) and softcap >= 0):
+    if not isinstance(softcap, numbers.Real) or not (math.isfinite(softcap) and softcap >= 0):
         raise ValueError(f"softcap must be a finite float >= 0, got {softcap!r}")
     if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
-            or not all(isinstance(w, (int, np.integer)) and w >= -1 for w in window_size)):
+            or not all(isinstance(w, numbers.Integral) and w >= -1 for w in window_size)):
         raise ValueError(f"window_size must be a pair of ints >= -1 (-1: unbounded), "
                          f"got {window_size!r}")
     if causal_align not in CAUSAL_ALIGNS:

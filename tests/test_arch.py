@@ -126,9 +126,6 @@ def test_parse_arch_rejects_naming_source(text):
         parse_arch(text, source="THE_SOURCE")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: parse_arch trusts str.isdigit, which is true for "
-                   "superscript digits that int() rejects, so the ValueError is int()'s and "
-                   "does not name the source")
 def test_parse_arch_superscript_digits_name_source():
     with pytest.raises(ValueError, match="THE_SOURCE"):
         parse_arch("sm_\u00b2\u00b2", source="THE_SOURCE")
@@ -137,10 +134,7 @@ def test_parse_arch_superscript_digits_name_source():
 @given(st.text(max_size=8))
 def test_parse_arch_any_text_gives_cc_or_named_error(text):
     # The property the CLI relies on to print a clean message: either a plannable cc, or
-    # a ValueError that names where the bad value came from. (Superscript digits are the
-    # known exception, covered by the xfail above.)
-    if any(c.isdigit() and not c.isdecimal() for c in text):
-        return
+    # a ValueError that names where the bad value came from.
     try:
         cc = parse_arch(text, source="SRC")
     except ValueError as e:

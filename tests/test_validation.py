@@ -392,9 +392,6 @@ def test_deterministic_not_bool(fn, det, typename):
             deterministic=det)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: api._prepare checks isinstance(x, (int, float)), "
-                   "so NumPy float32/float16 scalars for softmax_scale, softcap and dropout_p "
-                   "are refused with 'must be a finite float, got np.float32(0.125)'")
 @pytest.mark.parametrize("kw", [dict(softmax_scale=np.float32(0.125)),
                                 dict(softcap=np.float32(30.0)),
                                 dict(dropout_p=np.float32(0.0))], ids=repr)

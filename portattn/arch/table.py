@@ -116,6 +116,8 @@ def facts_for(cc: int) -> ArchFacts:
 def parse_arch(text: str, *, source: str = "arch") -> int:
     """Parse 'sm_75', 'sm75', '75' or '7.5' into 75; ValueError naming ``source`` otherwise."""
     t = str(text).strip().lower()
+    if not t.isascii():
+        t = ""  # str.isdigit accepts superscripts that int() rejects
     if t.startswith("sm_"):
         t = t[3:]
     elif t.startswith("sm"):
