@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import statistics
 import sys
 from dataclasses import asdict, dataclass, field

@@ -58,3 +58,35 @@ ptxas info    : Used 200 registers, 328 bytes cmem[0]
     assert gate.parse_ptxas(log, "_Z1bi") == (200, 0, 0, 0, 0)
     with pytest.raises(RuntimeError):
         gate.parse_ptxas(log, "_Z1ci")
+
+
+def test_compile_error_carries_nvrtc_log_and_spec(monkeypatch):
+    _nvrtc_archs()
+    from portattn import compile as comp
+    from portattn.spec import KernelSpec
+    spec = KernelSpec("simt_fwd", "float16", 64, 64, 64, 128, 8)
+    monkeypatch.setattr(comp, "build_source", lambda family: "this is not CUDA;")
+    with pytest.raises(comp.KernelCompileError) as info:
+        comp.compile_cubin(spec, 61)
+    assert info.value.spec == spec and info.value.log.strip()
+    assert "simt_fwd" in str(info.value) and "sm_61" in str(info.value)
+
+
+def test_cache_key_covers_every_kernel_file(monkeypatch):
+    from portattn import compile as comp
+    files = dict(comp.kernel_files())
+    before = comp.build_source("simt_fwd")
+    assert comp.sources_digest() in before.splitlines()[0]
+    # Editing a header that simt_fwd.cu includes must change the text CuPy keys on.
+    changed = dict(files, **{"common.cuh": files["common.cuh"] + "\n// edited\n"})
+    for fn in (comp.kernel_files, comp.sources_digest, comp.build_source):
+        fn.cache_clear()
+    monkeypatch.setattr(comp, "kernel_files", lambda: changed)
+    try:
+        after = comp.build_source("simt_fwd")
+        assert after != before and after.splitlines()[0] != before.splitlines()[0]
+        assert "#include" not in after       # headers are inlined, not left for NVRTC to find
+    finally:
+        monkeypatch.undo()
+        for fn in (comp.kernel_files, comp.sources_digest, comp.build_source):
+            fn.cache_clear()

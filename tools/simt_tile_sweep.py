@@ -39,7 +39,7 @@ def sweep(dtype, d, seqlen, causal, peak):
         pp = dataclasses.replace(p, plan=dataclasses.replace(p.plan, spec=spec,
                                                              smem_bytes=spec.smem_bytes))
         try:
-            ms = time_ms(lambda: api._launch(pp, False))
+            ms = time_ms(lambda pp=pp: api._launch(pp, False))
         except Exception as e:
             print(f"{dtype} d{d} L{seqlen} c{int(causal)} {tile}: {type(e).__name__} {e}")
             continue
