@@ -82,56 +82,20 @@ def _view_cai(x, cai: dict, name: str) -> ArrayView:
         raise ValueError(f"{name} has strides {tuple(strides)} that are not whole elements")
     ptr = int(cai["data"][0])
     return ArrayView("cai", x, shape, tuple(int(s) // itemsize for s in strides), dtype,
-                     _cai_device(ptr), ptr, itemsize)
+                     _cai_device(ptr, name), ptr, itemsize)
 
 
-def _cai_device(ptr: int):
-    """The device owning ``ptr``; 0 when no driver can be asked (validation still runs)."""
+def _cai_device(ptr: int, name: str):
+    """The device owning ``ptr``. With no driver to ask (a GPU-less machine) validation
+    still runs and device 0 is assumed; the launch would fail at detect() anyway."""
     cupy = sys.modules.get("cupy")
     if cupy is None or ptr == 0:
         return 0
     try:
         attrs = cupy.cuda.runtime.pointerGetAttributes(ptr)
-        return int(attrs.device)
     except Exception:
         return 0
-
-
-def empty(like: ArrayView, shape, dtype: str):
-    """An uninitialised contiguous array of ``like``'s library (CuPy for CAI producers)."""
-    if like.kind == "torch":
-        import torch
-        out = torch.empty(shape, dtype=getattr(torch, dtype), device=f"cuda:{like.device}")
-        if poison_outputs:
-            out.fill_(float("nan"))
-        return out
-    import cupy
-    with cupy.cuda.Device(like.device):
-        out = cupy.empty(shape, dtype=_cupy_dtype(dtype))
-        if poison_outputs:
-            out.fill(float("nan"))
-        return out
-
-
-def _cupy_dtype(dtype: str):
-    import numpy as np
-    if dtype == "bfloat16":
-        import cupy
-        bf16 = getattr(cupy, "bfloat16", None)
-        if bf16 is None:
-            raise TypeError("this CuPy has no bfloat16 dtype; pass torch tensors for bfloat16")
-        return bf16
-    return np.dtype(dtype)
-
-
-def stream_for(like: ArrayView):
-    """The caller's current stream, as a CuPy stream object."""
-    import cupy
-    if like.kind == "torch":
-        import torch
-        ts = torch.cuda.current_stream(like.device)
-        if hasattr(cupy.cuda.Stream, "from_external") and hasattr(ts, "__cuda_stream__"):
-            return cupy.cuda.Stream.from_external(ts)
-        return cupy.cuda.ExternalStream(ts.cuda_stream, like.device)
-    with cupy.cuda.Device(like.device):
-        return cupy.cuda.get_current_stream()
+    if attrs.device < 0 or attrs.type not in (2, 3):   # cudaMemoryTypeDevice / Managed
+        raise ValueError(f"{name} must be on a CUDA device, got a pointer to host memory "
+                         f"(__cuda_array_interface__ data {ptr:#x})")
+    return int(attrs.device)

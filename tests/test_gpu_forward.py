@@ -230,3 +230,14 @@ def test_explain_names_the_plan_that_runs():
     assert e.plan.path == "simt" and e.plan.spec.head_dim == 96
     text = str(e)
     assert "why:" in text and "not sm80" in text
+
+
+def test_cuda_array_interface_pointing_at_host_memory_is_refused():
+    host = np.zeros((1, 8, 1, 32), dtype=np.float16)
+
+    class HostProducer:
+        __cuda_array_interface__ = {"shape": host.shape, "typestr": "<f2", "version": 3,
+                                    "data": (host.ctypes.data, False), "strides": None}
+
+    with pytest.raises(ValueError, match="q must be on a CUDA device"):
+        portattn.flash_attn_func(HostProducer(), HostProducer(), HostProducer())
