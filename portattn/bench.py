@@ -3,19 +3,46 @@
 Every number is taken in the same process on the same GPU: portattn's plans (native and
 forced through PORTATTN_ARCH), SDPA's backends, and this GPU's measured instruction peaks,
 so results are reported as ratios. FLOPs are 4*b*h*sq*sk*d, halved for causal.
+``--plot PATH.png`` draws the same numbers (needs matplotlib: ``portattn[bench]``).
 """
 from __future__ import annotations
 
 import datetime
 import json
+import os
+import re
+import shutil
 import statistics
+import struct
+import subprocess
 import sys
+import tempfile
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
-# Which measured peak each path is judged against.
-PATH_PEAK = {"simt": "fma_fp32"}
+MODES = ("fwd",)
+# Which measured peak each path is judged against; a path's bf16 rows use BF16_PEAK's.
+PATH_PEAK = {"simt": "fma_fp32", "sm70": "mma_m8n8k4", "sm75": "mma_m16n8k8",
+             "sm80": "mma_m16n8k16"}
+BF16_PEAK = {"sm80": "mma_m16n8k16_bf16"}
+# Tensor-core probes in kernels_cuda/peaks.cu: (peak key, oldest compute capability that has
+# the instruction, FLOP per warp-wide instruction). The kernel is named "<key>_peak".
+MMA_PROBES = (
+    ("mma_m8n8k4", 70, 2 * 8 * 8 * 4 * 4),      # four 8x8x4 products per warp
+    ("mma_m16n8k8", 75, 2 * 16 * 8 * 8),
+    ("mma_m16n8k16", 80, 2 * 16 * 8 * 16),
+    ("mma_m16n8k16_bf16", 80, 2 * 16 * 8 * 16),
+)
+MMA_PER_WARP_TRIP = 8 * 4      # mma_probe's chains x depth
 MATH_MEMORY_LIMIT = 24 << 30     # bytes the math backend may materialise for scores
+
+
+def peak_key(path: str, dtype: str):
+    """The measured peak a row of ``path`` in ``dtype`` is judged against (None: none)."""
+    if dtype == "bfloat16" and path in BF16_PEAK:
+        return BF16_PEAK[path]
+    return PATH_PEAK.get(path)
 
 
 @dataclass
@@ -63,19 +90,84 @@ def time_ms(fn, target_ms: float = 200.0, max_reps: int = 50) -> float:
 
 
 def measure_peaks() -> dict:
-    """TFLOP/s this GPU sustains for each instruction a path relies on."""
+    """TFLOP/s this GPU sustains for each instruction a path relies on; the MMA keys are
+    absent where the GPU lacks the instruction."""
     import cupy
     import numpy as np
     from .compile import build_source
     mod = cupy.RawModule(code=build_source("peaks"), options=("-std=c++17",))
     fma = mod.get_function("fma_peak")
-    sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
+    dev = cupy.cuda.Device()
+    sms, cc = dev.attributes["MultiProcessorCount"], int(dev.compute_capability)
     blocks, threads, iters = sms * 8, 256, 4096
     out = cupy.empty(blocks * threads, dtype=cupy.float32)
     args = (out, np.int32(iters), np.float32(0.9999999), np.float32(1e-7))
     ms = time_ms(lambda: fma((blocks,), (threads,), args), target_ms=100)
     flops = 2.0 * 8 * 16 * iters * blocks * threads
-    return {"fma_fp32": flops / ms / 1e9}
+    peaks = {"fma_fp32": flops / ms / 1e9}
+    # 4 CTAs of 128 threads per SM: one wave on every sm_70+ GPU as long as a probe stays
+    # within 128 registers (ptxas: 44-108), and 4 warps x 8 chains per scheduler is far
+    # more independent MMAs than the latency needs.
+    blocks, threads, iters = sms * 4, 128, 2048
+    for key, min_cc, flop in MMA_PROBES:
+        if cc < min_cc:
+            continue
+        fn = mod.get_function(f"{key}_peak")
+        args = (out, np.int32(iters), np.uint32(0x2545F491))
+        ms = time_ms(lambda: fn((blocks,), (threads,), args), target_ms=100)
+        total = float(flop) * MMA_PER_WARP_TRIP * iters * blocks * (threads // 32)
+        peaks[key] = total / ms / 1e9
+    return peaks
+
+
+def compile_peaks(cc: int):
+    """peaks.cu compiled by NVRTC alone for sm_``cc`` (no GPU): (cubin bytes, ptxas log)."""
+    from cupy_backends.cuda.libs import nvrtc
+    from .compile import COMPILE_OPTIONS, build_source
+    prog = nvrtc.createProgram(build_source("peaks"), "peaks.cu", [], [])
+    try:
+        try:
+            nvrtc.compileProgram(prog, list(COMPILE_OPTIONS)
+                                 + [f"--gpu-architecture=sm_{cc}", "-Xptxas=-v"])
+        except nvrtc.NVRTCError as e:
+            raise RuntimeError(f"NVRTC failed on peaks.cu for sm_{cc}:\n"
+                               f"{nvrtc.getProgramLog(prog)}") from e
+        cubin, log = nvrtc.getCUBIN(prog), nvrtc.getProgramLog(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+    # CuPy hands the image back short of its final zero byte(s), which cuobjdump then
+    # rejects; the ELF header says where the image ends.
+    phoff, shoff = struct.unpack_from("<QQ", cubin, 0x20)
+    phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", cubin, 0x36)
+    end = max(phoff + phentsize * phnum, shoff + shentsize * shnum)
+    return cubin + b"\0" * max(0, end - len(cubin)), log
+
+
+def find_cuobjdump():
+    """$CUOBJDUMP, else cuobjdump on PATH, else None. NVRTC 12's cubins need a CUDA 12
+    cuobjdump: CUDA 13's reports that they hold no device code."""
+    return os.environ.get("CUOBJDUMP") or shutil.which("cuobjdump")
+
+
+def sass_opcodes(cubin: bytes, cuobjdump: str) -> dict:
+    """{kernel name: Counter of SASS opcodes with their modifiers} via ``cuobjdump -sass``."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        r = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True,
+                           check=False)
+    if r.returncode or "Function :" not in r.stdout:
+        raise RuntimeError(f"{cuobjdump} could not disassemble: {(r.stderr or r.stdout)[:300]}")
+    found, current = {}, None
+    for line in r.stdout.splitlines():
+        m = re.search(r"Function : (\S+)", line)
+        if m:
+            current = found.setdefault(m.group(1), Counter())
+            continue
+        m = re.search(r"\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)", line)
+        if m and current is not None:
+            current[m.group(1)] += 1
+    return found
 
 
 def flops(row: Row) -> float:
@@ -110,8 +202,10 @@ def _sdpa_runner(torch, backend, qt, kt, vt, causal):
 def run_bench(dtypes=("float16", "float32"), head_dims=(64, 128),
               seqlens=(512, 1024, 2048, 4096, 8192, 16384), causals=(False, True),
               archs=(None,), baselines=SDPA_BACKENDS, tokens=16384, hidden=2048,
-              progress=sys.stderr) -> dict:
+              progress=sys.stderr, mode="fwd") -> dict:
     """Time every combination; returns a JSON-able dict (device, peaks, rows)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     torch = _torch()
     from .arch import detect
     dev = detect()
@@ -152,23 +246,37 @@ def run_bench(dtypes=("float16", "float32"), head_dims=(64, 128),
     print(file=progress)
     return {
         "device": dev.name, "cc": dev.real_cc, "sms": dev.sm_count, "versions": dev.versions,
-        "torch": torch.__version__,
+        "torch": torch.__version__, "mode": mode,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "peaks_tflops": peaks, "rows": [asdict(r) for r in rows],
     }
 
 
-def format_table(result: dict) -> str:
-    rows = result["rows"]
+def row_path(row: dict, impl: str):
+    """The path a portattn column actually ran in this row (None if it did not run)."""
+    if row["tflops"].get(impl) is None:
+        return None
+    return row["notes"].get(impl, "").split(":", 1)[0] or None
+
+
+def _impls(result: dict) -> list:
     impls = []
-    for r in rows:
+    for r in result["rows"]:
         for name in r["tflops"]:
             if name not in impls:
                 impls.append(name)
+    return impls
+
+
+def format_table(result: dict) -> str:
+    rows = result["rows"]
+    impls = _impls(result)
     peak = result["peaks_tflops"]
-    lines = [f"{result['device']} (sm_{result['cc']}, {result['sms']} SMs), {result['date']}; "
-             f"measured peaks: " + ", ".join(f"{k} {v:.1f} TFLOP/s" for k, v in peak.items()),
-             "TFLOP/s (x = portattn / baseline; % = portattn / its path's measured peak)"]
+    lines = [f"{result['device']} (sm_{result['cc']}, {result['sms']} SMs), {result['date']}, "
+             f"mode {result.get('mode', 'fwd')}; measured peaks: "
+             + ", ".join(f"{k} {v:.1f} TFLOP/s" for k, v in peak.items()),
+             "TFLOP/s (x = portattn / baseline; % = portattn / the measured peak of the path "
+             "it ran, in brackets)"]
     head = f"{'dtype':8} {'d':>4} {'L':>6} {'causal':6} " + " ".join(f"{i:>14}" for i in impls)
     lines.append(head)
     for r in rows:
@@ -181,9 +289,12 @@ def format_table(result: dict) -> str:
             t = r["tflops"].get(i)
             if not i.startswith("portattn") or t is None:
                 continue
-            path = r["notes"][i].split(":")[0]
-            if PATH_PEAK.get(path) in peak:
-                extra.append(f"{i} {100 * t / peak[PATH_PEAK[path]]:.0f}% of {PATH_PEAK[path]}")
+            path = row_path(r, i)
+            key = peak_key(path, r["dtype"])
+            if key in peak:
+                extra.append(f"{i} [{path}] {100 * t / peak[key]:.0f}% of {key}")
+            else:
+                extra.append(f"{i} [{path}]")
             for b in ("sdpa_math", "sdpa_efficient", "sdpa_flash"):
                 tb = r["tflops"].get(b)
                 if tb:
@@ -193,9 +304,98 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv) -> int:
+def _seqlen_label(n: int) -> str:
+    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def plot(result: dict, path: str) -> str:
+    """One panel per (dtype, head dim, causal): TFLOP/s against seqlen, one line per
+    implementation, grey dotted lines at the measured peaks the portattn lines are judged
+    by. Raises ImportError without matplotlib."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullLocator
+
+    rows, impls, peak = result["rows"], _impls(result), result["peaks_tflops"]
+    dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
+    shapes = list(dict.fromkeys((r["head_dim"], r["causal"]) for r in rows))
+    colors = {i: f"C{n % 10}" for n, i in enumerate(impls)}
+    labels = {}
+    for i in impls:
+        paths = sorted({p for r in rows for p in (row_path(r, i),) if p})
+        labels[i] = f"{i} [{','.join(paths)}]" if i.startswith("portattn") and paths else i
+    nrows, ncols = max(1, len(dtypes)), max(1, len(shapes))
+    fig = Figure(figsize=(3.8 * ncols, 3.0 * nrows + 0.8), constrained_layout=True)
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True)
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    handles = {}
+    for a, dt in enumerate(dtypes):
+        for b, (d, causal) in enumerate(shapes):
+            ax = axes[a][b]
+            panel = sorted((r for r in rows if (r["dtype"], r["head_dim"], r["causal"])
+                            == (dt, d, causal)), key=lambda r: r["seqlen"])
+            if not panel:
+                ax.set_visible(False)
+                continue
+            peaks_here = set()
+            for i in impls:
+                pts = [(r["seqlen"], r["tflops"][i]) for r in panel
+                       if r["tflops"].get(i) is not None]
+                if not pts:
+                    continue
+                mine = i.startswith("portattn")
+                (line,) = ax.plot([x for x, _ in pts], [y for _, y in pts], color=colors[i],
+                                  marker="o" if mine else ".", linewidth=2.0 if mine else 1.2,
+                                  linestyle="-" if mine else "--")
+                handles.setdefault(labels[i], line)
+                if mine:
+                    peaks_here |= {peak_key(row_path(r, i), dt) for r in panel
+                                   if row_path(r, i)}
+            for key in sorted(k for k in peaks_here if k in peak):
+                ax.axhline(peak[key], color="0.45", linestyle=":", linewidth=1.2)
+                ax.annotate(f"{key} peak", (0.01, peak[key]), xycoords=("axes fraction", "data"),
+                            va="bottom", fontsize=7, color="0.35")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            xs = [r["seqlen"] for r in panel]
+            ax.xaxis.set_major_locator(FixedLocator(xs))
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _seqlen_label(int(v))))
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+            ax.set_title(f"{dt}, d={d}, {'causal' if causal else 'full'}", fontsize=10)
+            ax.grid(True, which="major", alpha=0.3)
+            if b == 0:
+                ax.set_ylabel("TFLOP/s (log scale)")
+            if a == nrows - 1:
+                ax.set_xlabel("seqlen")
+    title = (f"{result.get('device', '?')} (sm_{result.get('cc', '?')}), "
+             f"{result.get('mode', 'fwd')}, {result.get('date', '')}")
+    if result.get("label"):
+        title += f", {result['label']}"
+    fig.suptitle(title, fontsize=11)
+    fig.legend(list(handles.values()), list(handles.keys()), loc="upper center",
+               bbox_to_anchor=(0.5, 0.0), ncol=min(3, max(1, len(handles))), fontsize=8,
+               frameon=False)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def write_plot(result: dict, path: str, err=sys.stderr) -> bool:
+    """plot(), or one line on ``err`` saying why not when matplotlib is missing."""
+    try:
+        plot(result, path)
+    except ImportError:
+        print(f"portattn bench: --plot {path} skipped: matplotlib is not installed "
+              f"(pip install 'portattn[bench]')", file=err)
+        return False
+    return True
+
+
+def parser():
     import argparse
     ap = argparse.ArgumentParser(prog="portattn bench")
+    ap.add_argument("--mode", default="fwd", choices=MODES, help="what is timed")
     ap.add_argument("--dtypes", default="float16,float32")
     ap.add_argument("--head-dims", default="64,128")
     ap.add_argument("--seqlens", default="512,1024,2048,4096,8192,16384")
@@ -204,18 +404,26 @@ def main(argv) -> int:
                     help="comma list of 'native' and sm_XX to force (PORTATTN_ARCH)")
     ap.add_argument("--baselines", default=",".join(SDPA_BACKENDS))
     ap.add_argument("--json", default=None, help="write the full results here")
+    ap.add_argument("--plot", default=None, metavar="PATH.png",
+                    help="draw TFLOP/s against seqlen here (needs matplotlib)")
     ap.add_argument("--label", default="", help="recorded in the JSON (e.g. the commit)")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv) -> int:
+    a = parser().parse_args(argv)
     from .arch import parse_arch
     archs = tuple(None if x == "native" else parse_arch(x, source="--archs")
                   for x in a.archs.split(","))
     causals = {"both": (False, True), "on": (True,), "off": (False,)}[a.causal]
     result = run_bench(tuple(a.dtypes.split(",")), tuple(int(x) for x in a.head_dims.split(",")),
                        tuple(int(x) for x in a.seqlens.split(",")), causals, archs,
-                       tuple(b for b in a.baselines.split(",") if b))
+                       tuple(b for b in a.baselines.split(",") if b), mode=a.mode)
     result["label"] = a.label
     print(format_table(result))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=1)
+    if a.plot:
+        write_plot(result, a.plot)
     return 0

@@ -25,25 +25,28 @@ def head_dim_bucket(head_dim: int) -> int:
 class KernelSpec:
     """One template instantiation. Everything that changes the generated code is here;
     run-time features (masks, ALiBi, softcap, bias) are kernel arguments, not variants."""
-    family: str          # kernel family == .cu file stem, e.g. "simt_fwd"
+    family: str          # kernel family == .cu file stem: "simt_fwd" or "tc_fwd"
     dtype: str           # element type of q/k/v/out
     head_dim: int        # padded head dim (a HEAD_DIM_BUCKETS value)
     block_m: int         # query rows per CTA
     block_n: int         # key rows per K/V tile
     threads: int
-    tx: int              # threads sharing one query row group
+    tx: int = 0          # simt_fwd: threads sharing one query row group
+    mma: int = 0         # tc_fwd: MMA policy, 80 (m16n8k16 + cp.async) or 75 (m16n8k8)
 
     @property
     def name_expression(self) -> str:
+        last = self.tx if self.family == "simt_fwd" else self.mma
         return (f"portattn::{self.family}_kernel<{DTYPE_CTYPE[self.dtype]}, {self.head_dim}, "
-                f"{self.block_m}, {self.block_n}, {self.threads}, {self.tx}>")
+                f"{self.block_m}, {self.block_n}, {self.threads}, {last}>")
 
     @property
     def smem_bytes(self) -> int:
         return SMEM_BYTES[self.family](self)
 
     def short(self) -> str:
-        return (f"{self.family}/{self.dtype}/d{self.head_dim}/"
+        mma = f"/mma{self.mma}" if self.mma else ""
+        return (f"{self.family}{mma}/{self.dtype}/d{self.head_dim}/"
                 f"{self.block_m}x{self.block_n}/t{self.threads}")
 
 
@@ -53,4 +56,9 @@ def simt_fwd_smem_bytes(spec: KernelSpec) -> int:
     return 4 * (d * bm + max(d * bn, bn * bm) + bn * d)
 
 
-SMEM_BYTES = {"simt_fwd": simt_fwd_smem_bytes}
+def tc_fwd_smem_bytes(spec: KernelSpec) -> int:
+    """Q (BM rows), K and V (BN rows each) in the input type, rows padded by 8 elements."""
+    return DTYPE_BYTES[spec.dtype] * (spec.block_m + 2 * spec.block_n) * (spec.head_dim + 8)
+
+
+SMEM_BYTES = {"simt_fwd": simt_fwd_smem_bytes, "tc_fwd": tc_fwd_smem_bytes}

@@ -258,18 +258,28 @@ def _ctas(facts, smem_per_sm, threads, smem):
     return min(by_smem, facts.max_ctas_per_sm, facts.max_threads_per_sm // threads)
 
 
-def _expected_rejection_words(facts, dtype, path):
+def _expected_path(facts, dtype):
+    if facts.mma >= MMA_M16N8K16 and dtype in ("float16", "bfloat16"):
+        return "sm80"
+    if facts.mma >= MMA_M16N8K8 and dtype == "float16":
+        return "sm75"
+    return "simt"
+
+
+def _expected_rejection_words(facts, dtype, path, chosen):
     """The fact a rejection reason must state for ``path`` on this arch and dtype."""
-    need = PATH_MMA[path]
+    need = PATH_MMA.get(path, 0)
     if facts.mma < need:
         return "needs mma"
-    if dtype == "float32":
+    if need and dtype == "float32":
         return "float32"
-    if dtype == "bfloat16" and need < MMA_M16N8K16:
+    if need and dtype == "bfloat16" and need < MMA_M16N8K16:
         return "bfloat16"
     if path == "sm70" and facts.mma > MMA_M8N8K4:
         return "emulated"
-    return "not implemented"
+    if path == "sm70":
+        return "not implemented"
+    return f"lower preference than {chosen}"
 
 
 def check_plan(cc, dtype, head_dim):
@@ -277,21 +287,31 @@ def check_plan(cc, dtype, head_dim):
     f = dev.facts
     plan = select_plan(dev, Problem(dtype=dtype, head_dim=head_dim))
     s = plan.spec
-    assert plan.path == "simt" and s.family == "simt_fwd" and s.dtype == dtype
+    want = _expected_path(f, dtype)
+    assert plan.path == want and s.dtype == dtype, (cc, dtype, plan.path)
     assert plan.plan_cc == cc
     assert s.head_dim == _bucket(head_dim) and s.head_dim % 32 == 0
     assert head_dim <= s.head_dim < head_dim + 32
-    assert plan.smem_bytes == _smem(s.head_dim, s.block_m, s.block_n)
+    if want == "simt":
+        assert s.family == "simt_fwd" and s.mma == 0
+        assert plan.smem_bytes == _smem(s.head_dim, s.block_m, s.block_n)
+        assert _fits_registers(s.head_dim, s.block_m, s.block_n, s.threads, s.tx)
+    else:
+        assert s.family == "tc_fwd" and s.mma == int(want[2:]) and s.tx == 0
+        # Q, K, V tiles in the 2-byte input type, rows padded by 8 elements.
+        assert plan.smem_bytes == 2 * (s.block_m + 2 * s.block_n) * (s.head_dim + 8)
+        assert s.block_m % (16 * (s.threads // 32)) == 0
+        assert plan_mod.tc_est_regs(s.block_m, s.block_n, s.threads, s.head_dim,
+                                    s.mma) <= plan_mod.TC_MAX_EST_REGS
     assert plan.smem_bytes <= dev.smem_per_block
     assert plan.ctas_per_sm >= 1
     assert plan.ctas_per_sm == _ctas(f, dev.smem_per_sm, s.threads, plan.smem_bytes)
     assert s.threads <= f.max_threads_per_block
-    assert _fits_registers(s.head_dim, s.block_m, s.block_n, s.threads, s.tx)
     names = [p for p, _ in plan.rejected]
-    assert sorted(names) == sorted(set(PATH_NAMES) - {"simt"})
+    assert sorted(names) == sorted(set(PATH_NAMES) - {want})
     for path, why in plan.rejected:
         assert isinstance(why, str) and why.strip()
-        assert _expected_rejection_words(f, dtype, path) in why, (cc, dtype, path, why)
+        assert _expected_rejection_words(f, dtype, path, want) in why, (cc, dtype, path, why)
     return plan
 
 
@@ -331,11 +351,12 @@ def test_rejections_sm61_need_mma():
 
 
 def test_rejections_sm90_float16():
-    rej = dict(select_plan(device_from_arch(90), Problem("float16", 64)).rejected)
-    # sm_90 has every instruction the tensor-core paths need: they are only unwritten,
-    # except sm70's m8n8k4, which Hopper runs emulated.
-    assert rej["sm80"] == "not implemented in this release of portattn"
-    assert rej["sm75"] == "not implemented in this release of portattn"
+    plan = select_plan(device_from_arch(90), Problem("float16", 64))
+    rej = dict(plan.rejected)
+    # sm80 runs; Turing's path and SIMT could, but rank lower; sm70's m8n8k4 is emulated.
+    assert plan.path == "sm80" and "sm80" not in rej
+    assert rej["sm75"] == "lower preference than sm80"
+    assert rej["simt"] == "lower preference than sm80"
     assert "emulated" in rej["sm70"] and "mma.m8n8k4" in rej["sm70"]
 
 
@@ -360,7 +381,7 @@ def test_select_plan_is_pure():
 
 
 @pytest.mark.parametrize("cc", [61, 75, 90])
-def test_features_do_not_change_simt_kernel(cc):
+def test_features_do_not_change_the_kernel(cc):
     # Masks, ALiBi, softcap and bias are kernel arguments: a different spec would mean a
     # separate compile the compile gate never covered.
     dev = device_from_arch(cc)
@@ -430,7 +451,7 @@ def test_chosen_tile_maximises_model(cc):
         scored = []
         for tile in plan_mod.SIMT_TILES:
             bm, bn, threads, tx = tile
-            smem = KernelSpec("simt_fwd", "float16", d, bm, bn, threads, tx).smem_bytes
+            smem = KernelSpec("simt_fwd", "float32", d, bm, bn, threads, tx).smem_bytes
             if not _fits_registers(d, *tile) or smem > dev.smem_per_block:
                 continue
             warps = _ctas(f, dev.smem_per_sm, threads, smem) * threads // 32
@@ -438,8 +459,31 @@ def test_chosen_tile_maximises_model(cc):
         best = max(score for score, _ in scored)
         # Ties go to the earliest (largest) tile in SIMT_TILES.
         want = next(tile for score, tile in scored if score == best)
-        s = select_plan(dev, Problem("float16", d)).spec
+        # float32 always runs SIMT, so it exercises the SIMT model on every arch.
+        s = select_plan(dev, Problem("float32", d)).spec
         assert (s.block_m, s.block_n, s.threads, s.tx) == want, (cc, d)
+
+
+@pytest.mark.parametrize("cc, mma", [(75, 75), (80, 80), (86, 80), (89, 80), (90, 80)])
+def test_chosen_tensor_core_tile_maximises_model(cc, mma):
+    dev = device_from_arch(cc)
+    f = dev.facts
+    for d in HEAD_DIM_BUCKETS:
+        scored = []
+        for bm, bn, threads in plan_mod.TC_TILES:
+            mb = bm // (16 * (threads // 32))
+            staged = (bn * d // 8 + threads - 1) // threads
+            est = mb * (d // 2 + 3 * bn // 4) + (4 * staged if mma < 80 and staged <= 4 else 0)
+            smem = 2 * (bm + 2 * bn) * (d + 8)
+            if mb < 1 or est > plan_mod.TC_MAX_EST_REGS or smem > dev.smem_per_block:
+                continue
+            ldsm = (d // 16) * (mb + bn // 16) + (bn // 16) * (d // 16)
+            warps = _ctas(f, dev.smem_per_sm, threads, smem) * threads // 32
+            scored.append(((mb * bn * d // 64) / ldsm * min(warps, 8), (bm, bn, threads)))
+        best = max(score for score, _ in scored)
+        want = next(tile for score, tile in scored if score == best)
+        s = select_plan(dev, Problem("float16", d)).spec
+        assert (s.block_m, s.block_n, s.threads) == want, (cc, d)
 
 
 @pytest.mark.parametrize("d, bm, bn, expected", [

@@ -73,12 +73,16 @@ def test_report_arch_text(capsys, arch, facts_line):
     assert len(rows) == 48
     assert {(r[0], int(r[1]), r[2]) for r in rows} == \
         {(t, d, c) for t in DTYPES for d in HEAD_DIM_BUCKETS for c in ("False", "True")}
+    # Turing runs fp16 on its tensor cores; everything else there, and all of sm_61, is SIMT.
+    expected_path = {("sm_75", "float16"): "sm75"}
     for dtype, d, causal, path, bm, bn, thr, smem_kb, ctas, reason in rows:
-        assert path == "simt"
-        assert reason.startswith(f"the only eligible path for {dtype} on {arch}")
+        assert path == expected_path.get((arch, dtype), "simt"), (dtype, path)
+        assert reason.startswith(f"fastest eligible path for {dtype} on {arch}")
         assert f"{bm}x{bn} tile" in reason
     taken = not_taken(out)
-    assert set(taken) == {(t, p) for t in DTYPES for p in ("sm80", "sm75", "sm70")}
+    ran = {(t, expected_path.get((arch, t), "simt")) for t in DTYPES}
+    all_paths = {(t, p) for t in DTYPES for p in ("sm80", "sm75", "sm70", "simt")}
+    assert set(taken) == all_paths - ran
     assert all(why.strip() for why in taken.values())
     if arch == "sm_61":
         assert all(why.startswith("needs mma") for why in taken.values())
@@ -86,6 +90,7 @@ def test_report_arch_text(capsys, arch, facts_line):
         assert "bfloat16" in taken[("bfloat16", "sm75")]
         assert "float32" in taken[("float32", "sm75")]
         assert taken[("float16", "sm80")].startswith("needs mma.m16n8k16")
+        assert taken[("float16", "simt")] == "lower preference than sm75"
 
 
 @pytest.mark.parametrize("cc", [61, 75, 90])
@@ -128,9 +133,10 @@ def test_report_json_sm90(capsys):
     assert len(plans) == 48
     table_dev = device_from_arch(90)
     for p in plans:
-        assert p["path"] == "simt"
+        assert p["path"] == ("simt" if p["dtype"] == "float32" else "sm80")
         assert p["smem_bytes"] <= dev["smem_per_block"]
-        assert isinstance(p["rejected"], dict) and set(p["rejected"]) == {"sm80", "sm75", "sm70"}
+        assert isinstance(p["rejected"], dict)
+        assert set(p["rejected"]) == {"sm80", "sm75", "sm70", "simt"} - {p["path"]}
         plan = select_plan(table_dev, Problem(p["dtype"], p["head_dim"], causal=p["causal"]))
         assert (p["block_m"], p["block_n"], p["threads"], p["smem_bytes"], p["ctas_per_sm"]) == \
             (plan.spec.block_m, plan.spec.block_n, plan.spec.threads, plan.smem_bytes,

@@ -64,8 +64,8 @@ class _Path:
 
 # Preference order: the first path that is eligible and implemented runs.
 PATHS = (
-    _Path("sm80", MMA_M16N8K16, ("float16", "bfloat16"), True, True),
-    _Path("sm75", MMA_M16N8K8, ("float16",), True),
+    _Path("sm80", MMA_M16N8K16, ("float16", "bfloat16"), True, True, implemented=True),
+    _Path("sm75", MMA_M16N8K8, ("float16",), True, implemented=True),
     _Path("sm70", MMA_M8N8K4, ("float16",)),
     _Path("simt", 0, DTYPES, implemented=True),
 )
@@ -167,7 +167,76 @@ def _plan_simt(device: DeviceInfo, problem: Problem):
                   f"(target {TARGET_WARPS_PER_SM} warps) in {lim}")
 
 
-_PLANNERS = {"simt": _plan_simt}
+# Tensor-core tiles (block_m, block_n, threads), best first; each warp owns
+# block_m / (16 * warps) blocks of 16 query rows (MB).
+TC_TILES = (
+    (128, 64, 128),
+    (128, 32, 128),
+    (128, 64, 256),
+    (64, 64, 128),
+    (64, 32, 128),
+    (32, 32, 64),
+)
+# Estimated live accumulator/fragment registers per thread: MB * (O: d/2 + S and P:
+# 3*block_n/4), plus Turing's register-staged tile. ptxas (NVRTC 12.9, sm_75..sm_90)
+# lands at about est + 60..90: est 160 compiled to 243-248 registers with no spills;
+# 176 (d256 64x64) already needs 234 on sm_80 but spilled on sm_75, so 160 is the cap.
+TC_MAX_EST_REGS = 160
+
+
+def tc_rows_per_warp(bm: int, threads: int) -> int:
+    return bm // (16 * (threads // 32))
+
+
+def tc_est_regs(bm: int, bn: int, threads: int, d: int, mma: int) -> int:
+    mb = tc_rows_per_warp(bm, threads)
+    est = mb * (d // 2 + 3 * bn // 4)
+    if mma < 80:
+        per_thread = -(-(bn * d // 8) // threads)
+        if per_thread <= 4:                   # the kernel's kStage rule
+            est += 4 * per_thread
+    return est
+
+
+def tc_mma_per_ldsm(bm: int, bn: int, threads: int, d: int) -> float:
+    """MMAs per ldmatrix.x4 per warp and K/V tile: Q (MB per k16 step) and K (block_n/16)
+    for S, V (d/16 per key step) for PV."""
+    mb = tc_rows_per_warp(bm, threads)
+    mma = mb * bn * d // 64
+    ldsm = (d // 16) * (mb + bn // 16) + (bn // 16) * (d // 16)
+    return mma / ldsm
+
+
+def _plan_tc(device: DeviceInfo, problem: Problem, mma: int):
+    """Pick the tile maximising (MMAs per ldmatrix) x min(resident warps, 8) / 8 among
+    those within the register estimate and the shared-memory limit."""
+    d = head_dim_bucket(problem.head_dim)
+    lim = f"{device.smem_per_block // 1024} KB/block, {device.smem_per_sm // 1024} KB/SM"
+    best, best_score = None, -1.0
+    for bm, bn, threads in TC_TILES:
+        if tc_rows_per_warp(bm, threads) < 1 or tc_est_regs(bm, bn, threads, d, mma) > TC_MAX_EST_REGS:
+            continue
+        spec = KernelSpec("tc_fwd", problem.dtype, d, bm, bn, threads, mma=mma)
+        smem = spec.smem_bytes
+        if smem > device.smem_per_block:
+            continue
+        ctas = ctas_per_sm(device, threads, smem)
+        score = tc_mma_per_ldsm(bm, bn, threads, d) * min(ctas * threads // 32,
+                                                           TARGET_WARPS_PER_SM)
+        if score > best_score:
+            best, best_score = (spec, smem, ctas), score
+    if best is None:
+        return None, f"no tensor-core tile for head dim {d} fits {lim}"
+    spec, smem, ctas = best
+    ratio = tc_mma_per_ldsm(spec.block_m, spec.block_n, spec.threads, d)
+    return best, (f"{spec.block_m}x{spec.block_n} tile: best of {ratio:.2f} MMAs per ldmatrix "
+                  f"x {ctas} CTA(s) of {spec.threads // 32} warps resident "
+                  f"(target {TARGET_WARPS_PER_SM} warps) in {lim}")
+
+
+_PLANNERS = {"simt": _plan_simt,
+             "sm80": lambda device, problem: _plan_tc(device, problem, 80),
+             "sm75": lambda device, problem: _plan_tc(device, problem, 75)}
 
 
 def validate_problem(problem: Problem) -> None:
@@ -194,8 +263,7 @@ def select_plan(device: DeviceInfo, problem: Problem) -> Plan:
             if picked is None:
                 why = tile_why
             else:
-                head = (f"{'fastest path' if not rejected else 'the only eligible path'}"
-                        f" for {problem.dtype} on {f.name}")
+                head = f"fastest eligible path for {problem.dtype} on {f.name}"
                 chosen = (path.name, picked, f"{head}; {tile_why}")
                 continue
         rejected.append((path.name, why))

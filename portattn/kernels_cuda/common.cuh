@@ -5,6 +5,10 @@
 
 namespace portattn {
 
+// NVRTC has no <type_traits>.
+template <bool B, class A, class C> struct conditional { using type = A; };
+template <class A, class C> struct conditional<false, A, C> { using type = C; };
+
 struct half_t { unsigned short bits; };
 struct bf16_t { unsigned short bits; };
 

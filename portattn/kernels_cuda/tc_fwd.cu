@@ -1,0 +1,436 @@
+// Tensor-core forward attention for Turing (sm_75: mma.m16n8k8 + ldmatrix) and Ampere and
+// newer (sm_80+: mma.m16n8k16 + ldmatrix + cp.async), one kernel with per-arch policies.
+//
+// FlashAttention-2 partitioning: each warp owns MB blocks of 16 query rows, so softmax
+// statistics never leave a warp (quad shuffles only). Per K/V tile:
+//   S = Q K^T   A = Q (ldmatrix), B = K rows (ldmatrix), fp32 accumulators
+//   softmax     online, log2 domain, scale folded into the exp2 argument (one FFMA)
+//   O += P V    P reused from the S accumulators as the A operand (the m16n8 C layout of
+//               two adjacent n8 tiles is the m16k16 A layout), B = V via ldmatrix.trans
+// Shared memory: Q [BM][D+8], K [BN][D+8], V [BN][D+8] in the input type. The 8-element
+// row padding puts the 8 rows one ldmatrix reads in 8 different 16-byte bank groups.
+// One buffer each for K and V, overlapped with compute: V_j streams in during S_j, and
+// K_{j+1} during P V_j (cp.async on sm_80+, register-staged loads on sm_75).
+#include "common.cuh"
+
+namespace portattn {
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  unsigned a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+
+__device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldsm_x4_trans(unsigned (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+}
+
+// D += A(16x16) * B(16x8), fp32 accumulate. Ampere+: one m16n8k16.
+template <class T> struct MmaSm80;
+template <> struct MmaSm80<half_t> {
+  static __device__ __forceinline__ void k16(float (&d)[4], const unsigned (&a)[4],
+                                             unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+template <> struct MmaSm80<bf16_t> {
+  static __device__ __forceinline__ void k16(float (&d)[4], const unsigned (&a)[4],
+                                             unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+// Turing: the k16 step is two m16n8k8 (A regs 0,1 / B reg 0 cover k 0-7; 2,3 / 1 k 8-15).
+template <class T> struct MmaSm75;
+template <> struct MmaSm75<half_t> {
+  static __device__ __forceinline__ void k16(float (&d)[4], const unsigned (&a)[4],
+                                             unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a[0]), "r"(a[1]), "r"(b0));
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a[2]), "r"(a[3]), "r"(b1));
+  }
+};
+
+// Copy of one ROWS x D tile (16-byte chunks) from global into padded shared memory.
+// Chunks past the valid rows / head dim are zero; a chunk that straddles d, or any chunk
+// of a tensor whose rows are not 16-byte aligned, is copied element by element.
+template <class T, int ROWS, int D, int NT>
+struct TileCopy {
+  static constexpr int LD = D + 8;
+  static constexpr int kChunks = ROWS * D / 8;
+  static constexpr int kPerThread = (kChunks + NT - 1) / NT;
+
+  static __device__ __forceinline__ bool chunk_of(int c, int& r, int& d0) {
+    r = c / (D / 8);
+    d0 = (c % (D / 8)) * 8;
+    return c < kChunks;
+  }
+  static __device__ __forceinline__ void scalar_chunk(T* dst, const T* src, int n) {
+    unsigned short v[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e)
+      v[e] = e < n ? __ldg(reinterpret_cast<const unsigned short*>(src) + e) : 0;
+    *reinterpret_cast<uint4*>(dst) =
+        make_uint4(v[0] | (unsigned(v[1]) << 16), v[2] | (unsigned(v[3]) << 16),
+                   v[4] | (unsigned(v[5]) << 16), v[6] | (unsigned(v[7]) << 16));
+  }
+
+  // Ampere+: asynchronous copies, completed by cp_async_wait + __syncthreads.
+  static __device__ __forceinline__ void async(T* smem, const T* g, long long stride, int row0,
+                                               int nrows, int d, bool vec) {
+    // Not unrolled: unrolled, every chunk's 64-bit address is hoisted out of the tile
+    // loop and held in registers for the whole kernel (d128: 255 registers and spills).
+#pragma unroll 1
+    for (int i = 0; i < kPerThread; ++i) {
+      int r, d0;
+      if (!chunk_of(threadIdx.x + i * NT, r, d0)) break;
+      T* dst = smem + r * LD + d0;
+      const T* src = g + static_cast<long long>(row0 + r) * stride + d0;
+      const int n = r < nrows ? d - d0 : 0;
+      if (vec && n >= 8) {
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)),
+                     "l"(src));
+      } else if (n <= 0) {
+        *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+      } else {
+        scalar_chunk(dst, src, n);
+      }
+    }
+    asm volatile("cp.async.commit_group;");
+  }
+  static __device__ __forceinline__ void async_wait() {
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
+  }
+
+  // Turing, tiles too large to stage: each chunk loaded and stored at once, not
+  // unrolled for the same reason as async().
+  static __device__ __forceinline__ void direct(T* smem, const T* g, long long stride,
+                                                int row0, int nrows, int d, bool vec) {
+#pragma unroll 1
+    for (int i = 0; i < kPerThread; ++i) {
+      int r, d0;
+      if (!chunk_of(threadIdx.x + i * NT, r, d0)) break;
+      T* dst = smem + r * LD + d0;
+      const T* src = g + static_cast<long long>(row0 + r) * stride + d0;
+      const int n = r < nrows ? d - d0 : 0;
+      if (vec && n >= 8) {
+        *reinterpret_cast<uint4*>(dst) = __ldg(reinterpret_cast<const uint4*>(src));
+      } else if (n <= 0) {
+        *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+      } else {
+        scalar_chunk(dst, src, n);
+      }
+    }
+  }
+
+  // Turing: the same copy staged through registers: load() issues the global loads,
+  // store() (after the compute they overlap) writes shared memory.
+  uint4 regs[kPerThread];
+  __device__ __forceinline__ void load(const T* g, long long stride, int row0, int nrows,
+                                       int d, bool vec) {
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      int r, d0;
+      if (!chunk_of(threadIdx.x + i * NT, r, d0)) break;
+      const T* src = g + static_cast<long long>(row0 + r) * stride + d0;
+      const int n = r < nrows ? d - d0 : 0;
+      if (vec && n >= 8) {
+        regs[i] = __ldg(reinterpret_cast<const uint4*>(src));
+      } else if (n <= 0) {
+        regs[i] = make_uint4(0, 0, 0, 0);
+      } else {
+        T tmp[8];
+        scalar_chunk(tmp, src, n);
+        regs[i] = *reinterpret_cast<uint4*>(tmp);
+      }
+    }
+  }
+  __device__ __forceinline__ void store(T* smem) const {
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      int r, d0;
+      if (!chunk_of(threadIdx.x + i * NT, r, d0)) break;
+      *reinterpret_cast<uint4*>(smem + r * LD + d0) = regs[i];
+    }
+  }
+};
+
+template <class T>
+__device__ __forceinline__ unsigned pack2(float lo, float hi) {
+  return static_cast<unsigned>(from_float<T>(lo).bits) |
+         (static_cast<unsigned>(from_float<T>(hi).bits) << 16);
+}
+
+template <class T, int D, int BM, int BN, int NT, int ARCH>
+__global__ void __launch_bounds__(NT, 1) tc_fwd_kernel(
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+    T* __restrict__ o, float* __restrict__ lse, const void* __restrict__ bias,
+    const float* __restrict__ alibi,
+    long long q_sb, long long q_ss, long long q_sh,
+    long long k_sb, long long k_ss, long long k_sh,
+    long long v_sb, long long v_ss, long long v_sh,
+    long long o_sb, long long o_ss, long long o_sh,
+    long long bias_sb, long long bias_sh, long long bias_sq, long long bias_sk,
+    long long alibi_sb, long long alibi_sh,
+    int hq, int group, int sq, int sk, int d,
+    int win_left, int win_right, int diag_off,
+    float scale_log2, float softcap_log2, int bias_kind, int vec_flags) {
+  constexpr int NW = NT / 32;
+  constexpr int MB = BM / (16 * NW);   // 16-row blocks per warp
+  constexpr int NTL = BN / 8;          // n8 tiles of S
+  constexpr int DTL = D / 8;           // n8 tiles of O
+  constexpr int LD = D + 8;
+  constexpr bool kAsync = ARCH >= 80;
+  // Turing stages the next tile in registers only while that costs <= 16 registers;
+  // beyond (d >= 192) the staging spills, so copies go straight to shared memory.
+  constexpr bool kStage = !kAsync && TileCopy<T, BN, D, NT>::kPerThread <= 4;
+  static_assert(MB * 16 * NW == BM && BN % 16 == 0 && D % 16 == 0, "tile shape");
+  using Mma = typename conditional<ARCH >= 80, MmaSm80<T>, MmaSm75<T>>::type;
+  using QCopy = TileCopy<T, BM, D, NT>;
+  using KVCopy = TileCopy<T, BN, D, NT>;
+
+  extern __shared__ uint4 smem_u4[];
+  T* Qs = reinterpret_cast<T*>(smem_u4);
+  T* Ks = Qs + BM * LD;
+  T* Vs = Ks + BN * LD;
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, tig = lane & 3;
+  const int num_mb = (sq + BM - 1) / BM;
+  const int mblk = num_mb - 1 - static_cast<int>(blockIdx.x % num_mb);
+  const int bh = static_cast<int>(blockIdx.x / num_mb);
+  const int b = bh / hq, h = bh % hq, hk = h / group;
+  const int m0 = mblk * BM;
+  const int rows_valid = min(BM, sq - m0);
+  const int last_row = m0 + rows_valid - 1;
+  const int wrow0 = warp * MB * 16;     // this warp's first row inside the tile
+
+  ScoreMods mods;
+  mods.softcap_log2 = softcap_log2;
+  mods.alibi_log2 = alibi ? kLog2e * alibi[b * alibi_sb + h * alibi_sh] : 0.f;
+  mods.bias_kind = bias_kind;
+  mods.bias = bias_kind ? static_cast<const void*>(
+                              static_cast<const char*>(bias) +
+                              (b * bias_sb + h * bias_sh) * (bias_kind == 1 ? 4 : bias_kind == 4 ? 1 : 2))
+                        : nullptr;
+  mods.bias_sq = bias_sq;
+  mods.bias_sk = bias_sk;
+  mods.win_left = win_left;
+  mods.win_right = win_right;
+  mods.diag_off = diag_off;
+  mods.sk = sk;
+  // A negative scale reverses the max; the per-element path handles it exactly.
+  const bool has_mods = mods.any() || scale_log2 < 0.f;
+
+  int n_lo = 0, n_hi = sk;
+  if (win_left >= 0) n_lo = max(0, m0 + diag_off - win_left);
+  if (win_right >= 0) n_hi = min(sk, last_row + diag_off + win_right + 1);
+  const int n_first = n_lo / BN * BN;
+
+  const T* qbase = q + b * q_sb + h * q_sh;
+  const T* kbase = k + b * k_sb + hk * k_sh;
+  const T* vbase = v + b * v_sb + hk * v_sh;
+  const bool vq = vec_flags & 1, vk = vec_flags & 2, vv = vec_flags & 4;
+
+  KVCopy kstage, vstage;  // Turing's register staging (elided where kStage is false)
+  if constexpr (kAsync) {
+    QCopy::async(Qs, qbase, q_ss, m0, rows_valid, d, vq);
+    if (n_first < n_hi) KVCopy::async(Ks, kbase, k_ss, n_first, min(BN, sk - n_first), d, vk);
+  } else {
+    QCopy::direct(Qs, qbase, q_ss, m0, rows_valid, d, vq);
+    if (n_first < n_hi) KVCopy::direct(Ks, kbase, k_ss, n_first, min(BN, sk - n_first), d, vk);
+  }
+
+  float acc[MB][DTL][4];
+  float m_i[MB][2], l_i[MB][2];
+#pragma unroll
+  for (int mb = 0; mb < MB; ++mb) {
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      m_i[mb][hh] = neg_inf();
+      l_i[mb][hh] = 0.f;  // this thread's share of the row sum; quad-reduced at the end
+    }
+#pragma unroll
+    for (int t = 0; t < DTL; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mb][t][e] = 0.f;
+  }
+
+  for (int n0 = n_first; n0 < n_hi; n0 += BN) {
+    const int cols_valid = min(BN, sk - n0);
+    if constexpr (kAsync) KVCopy::async_wait();
+    __syncthreads();  // K_j in place; every warp is done with V_{j-1}
+    if constexpr (kAsync) {
+      KVCopy::async(Vs, vbase, v_ss, n0, cols_valid, d, vv);
+    } else if constexpr (kStage) {
+      vstage.load(vbase, v_ss, n0, cols_valid, d, vv);
+    } else {
+      KVCopy::direct(Vs, vbase, v_ss, n0, cols_valid, d, vv);
+    }
+
+    float s[MB][NTL][4];
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+      for (int t = 0; t < NTL; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[mb][t][e] = 0.f;
+#pragma unroll
+    for (int kd = 0; kd < D / 16; ++kd) {
+      unsigned qa[MB][4];
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb)
+        ldsm_x4(qa[mb], Qs + (wrow0 + mb * 16 + (lane & 15)) * LD + kd * 16 + (lane >> 4) * 8);
+#pragma unroll
+      for (int np = 0; np < NTL / 2; ++np) {
+        unsigned kb[4];
+        ldsm_x4(kb, Ks + (np * 16 + (lane >> 4) * 8 + (lane & 7)) * LD + kd * 16 +
+                        ((lane >> 3) & 1) * 8);
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb) {
+          Mma::k16(s[mb][2 * np], qa[mb], kb[0], kb[1]);
+          Mma::k16(s[mb][2 * np + 1], qa[mb], kb[2], kb[3]);
+        }
+      }
+    }
+
+    // Scores stay raw (q.k) on interior tiles, with the scale folded into exp2's FFMA;
+    // tiles that need masks or modifiers move to the log2 domain element by element.
+    const bool interior = n0 + BN <= sk &&
+                          (win_left < 0 || n0 >= last_row + diag_off - win_left) &&
+                          (win_right < 0 || n0 + BN - 1 <= m0 + diag_off + win_right);
+    const bool elementwise = !interior || has_mods;
+    const float sc = elementwise ? 1.f : scale_log2;
+    if (elementwise) {
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+        for (int t = 0; t < NTL; ++t)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int i = m0 + wrow0 + mb * 16 + g + (e >> 1) * 8;
+            const int j = n0 + t * 8 + tig * 2 + (e & 1);
+            s[mb][t][e] = mods.apply(s[mb][t][e] * scale_log2, i, j);
+          }
+    }
+
+    unsigned pa[MB][BN / 16][4];
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb) {
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        float mx = neg_inf();
+#pragma unroll
+        for (int t = 0; t < NTL; ++t) mx = fmaxf(mx, fmaxf(s[mb][t][2 * hh], s[mb][t][2 * hh + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m_i[mb][hh], mx * sc);
+        // Rows with no visible key yet keep m = -inf; 0 keeps exp2 at 0, not NaN.
+        const float base = m_new == neg_inf() ? 0.f : m_new;
+        const float corr = fast_exp2(m_i[mb][hh] - base);
+        float sum = 0.f;
+#pragma unroll
+        for (int t = 0; t < NTL; ++t)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float p = fast_exp2(fmaf(s[mb][t][2 * hh + e], sc, -base));
+            s[mb][t][2 * hh + e] = p;
+            sum += p;
+          }
+        l_i[mb][hh] = l_i[mb][hh] * corr + sum;
+        m_i[mb][hh] = m_new;
+#pragma unroll
+        for (int t = 0; t < DTL; ++t) {
+          acc[mb][t][2 * hh] *= corr;
+          acc[mb][t][2 * hh + 1] *= corr;
+        }
+      }
+#pragma unroll
+      for (int kn = 0; kn < BN / 16; ++kn) {
+        pa[mb][kn][0] = pack2<T>(s[mb][2 * kn][0], s[mb][2 * kn][1]);
+        pa[mb][kn][1] = pack2<T>(s[mb][2 * kn][2], s[mb][2 * kn][3]);
+        pa[mb][kn][2] = pack2<T>(s[mb][2 * kn + 1][0], s[mb][2 * kn + 1][1]);
+        pa[mb][kn][3] = pack2<T>(s[mb][2 * kn + 1][2], s[mb][2 * kn + 1][3]);
+      }
+    }
+
+    if constexpr (kAsync) {
+      KVCopy::async_wait();
+    } else if constexpr (kStage) {
+      vstage.store(Vs);
+    }
+    __syncthreads();  // V_j in place; every warp is done reading K_j
+    const int n_next = n0 + BN;
+    if (n_next < n_hi) {
+      if constexpr (kAsync) {
+        KVCopy::async(Ks, kbase, k_ss, n_next, min(BN, sk - n_next), d, vk);
+      } else if constexpr (kStage) {
+        kstage.load(kbase, k_ss, n_next, min(BN, sk - n_next), d, vk);
+      } else {
+        KVCopy::direct(Ks, kbase, k_ss, n_next, min(BN, sk - n_next), d, vk);
+      }
+    }
+
+#pragma unroll
+    for (int kn = 0; kn < BN / 16; ++kn) {
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        unsigned vb[4];
+        ldsm_x4_trans(vb, Vs + (kn * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * LD + dp * 16 +
+                              (lane >> 4) * 8);
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb) {
+          Mma::k16(acc[mb][2 * dp], pa[mb][kn], vb[0], vb[1]);
+          Mma::k16(acc[mb][2 * dp + 1], pa[mb][kn], vb[2], vb[3]);
+        }
+      }
+    }
+    // Turing: every warp finished reading K_j before the barrier above.
+    if constexpr (kStage) {
+      if (n_next < n_hi) kstage.store(Ks);
+    }
+  }
+
+#pragma unroll
+  for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      float l = l_i[mb][hh];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const int i = m0 + wrow0 + mb * 16 + g + hh * 8;
+      if (i >= sq) continue;
+      // Fully masked rows: output 0 and lse = -inf (reference.py's convention).
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      T* orow = o + b * o_sb + static_cast<long long>(i) * o_ss + h * o_sh;
+#pragma unroll
+      for (int t = 0; t < DTL; ++t) {
+        const int col = t * 8 + tig * 2;
+        if (col < d) orow[col] = from_float<T>(acc[mb][t][2 * hh] * inv);
+        if (col + 1 < d) orow[col + 1] = from_float<T>(acc[mb][t][2 * hh + 1] * inv);
+      }
+      if (lse != nullptr && tig == 0) {
+        lse[(static_cast<long long>(b) * hq + h) * sq + i] =
+            l > 0.f ? (m_i[mb][hh] + __log2f(l)) * kLn2 : neg_inf();
+      }
+    }
+}
+
+}  // namespace portattn
