@@ -99,3 +99,43 @@ def _cai_device(ptr: int, name: str):
         raise ValueError(f"{name} must be on a CUDA device, got a pointer to host memory "
                          f"(__cuda_array_interface__ data {ptr:#x})")
     return int(attrs.device)
+
+
+def empty(like: ArrayView, shape, dtype: str):
+    """An uninitialised contiguous array of ``like``'s library (CuPy for CAI producers)."""
+    if like.kind == "torch":
+        import torch
+        out = torch.empty(shape, dtype=getattr(torch, dtype), device=f"cuda:{like.device}")
+        if poison_outputs:
+            out.fill_(float("nan"))
+        return out
+    import cupy
+    with cupy.cuda.Device(like.device):
+        out = cupy.empty(shape, dtype=_cupy_dtype(dtype))
+        if poison_outputs:
+            out.fill(float("nan"))
+        return out
+
+
+def _cupy_dtype(dtype: str):
+    import numpy as np
+    if dtype == "bfloat16":
+        import cupy
+        bf16 = getattr(cupy, "bfloat16", None)
+        if bf16 is None:
+            raise TypeError("this CuPy has no bfloat16 dtype; pass torch tensors for bfloat16")
+        return bf16
+    return np.dtype(dtype)
+
+
+def stream_for(like: ArrayView):
+    """The caller's current stream, as a CuPy stream object."""
+    import cupy
+    if like.kind == "torch":
+        import torch
+        ts = torch.cuda.current_stream(like.device)
+        if hasattr(cupy.cuda.Stream, "from_external") and hasattr(ts, "__cuda_stream__"):
+            return cupy.cuda.Stream.from_external(ts)
+        return cupy.cuda.ExternalStream(ts.cuda_stream, like.device)
+    with cupy.cuda.Device(like.device):
+        return cupy.cuda.get_current_stream()
