@@ -27,7 +27,9 @@ PATH_PEAK = {"simt": "fma_fp32", "sm70": "mma_m8n8k4", "sm75": "mma_m16n8k8",
              "sm80": "mma_m16n8k16"}
 BF16_PEAK = {"sm80": "mma_m16n8k16_bf16"}
 # Tensor-core probes in kernels_cuda/peaks.cu: (peak key, oldest compute capability that has
-# the instruction, FLOP per warp-wide instruction). The kernel is named "<key>_peak".
+# the instruction, FLOP per warp-wide instruction). The kernel is named "<key>_peak". From
+# sm_80 on, ptxas emulates m8n8k4 in a called routine without HMMA (tools/peaks_gate.py), so
+# there its peak is the emulation's: the rate a forced sm70 plan can reach on that GPU.
 MMA_PROBES = (
     ("mma_m8n8k4", 70, 2 * 8 * 8 * 4 * 4),      # four 8x8x4 products per warp
     ("mma_m16n8k8", 75, 2 * 16 * 8 * 8),

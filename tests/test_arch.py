@@ -302,7 +302,7 @@ def check_plan(cc, dtype, head_dim):
         assert plan.smem_bytes == 2 * (s.block_m + 2 * s.block_n) * (s.head_dim + 8)
         assert s.block_m % (16 * (s.threads // 32)) == 0
         assert plan_mod.tc_est_regs(s.block_m, s.block_n, s.threads, s.head_dim,
-                                    s.mma) <= plan_mod.TC_MAX_EST_REGS
+                                    s.mma) <= plan_mod.TC_MAX_EST_REGS[s.mma]
     assert plan.smem_bytes <= dev.smem_per_block
     assert plan.ctas_per_sm >= 1
     assert plan.ctas_per_sm == _ctas(f, dev.smem_per_sm, s.threads, plan.smem_bytes)
@@ -475,7 +475,7 @@ def test_chosen_tensor_core_tile_maximises_model(cc, mma):
             staged = (bn * d // 8 + threads - 1) // threads
             est = mb * (d // 2 + 3 * bn // 4) + (4 * staged if mma < 80 and staged <= 4 else 0)
             smem = 2 * (bm + 2 * bn) * (d + 8)
-            if mb < 1 or est > plan_mod.TC_MAX_EST_REGS or smem > dev.smem_per_block:
+            if mb < 1 or est > plan_mod.TC_MAX_EST_REGS[mma] or smem > dev.smem_per_block:
                 continue
             ldsm = (d // 16) * (mb + bn // 16) + (bn // 16) * (d // 16)
             warps = _ctas(f, dev.smem_per_sm, threads, smem) * threads // 32

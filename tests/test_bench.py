@@ -112,9 +112,15 @@ def cuobjdump():
 def nvrtc_archs():
     try:
         from cupy_backends.cuda.libs import nvrtc
-        return set(int(a) for a in nvrtc.getSupportedArchs())
+        version = nvrtc.getVersion()
+        archs = set(int(a) for a in nvrtc.getSupportedArchs())
     except Exception as e:  # no CuPy / no NVRTC library
         pytest.skip(f"NVRTC unavailable: {type(e).__name__}: {e}")
+    # The gates read NVRTC 12's ptxas report (the NVRTC that targets every arch, which CI
+    # installs); NVRTC 13 words it differently.
+    if version[0] != 12:
+        pytest.skip(f"the compile gates are defined for NVRTC 12, this is {version}")
+    return archs
 
 
 @pytest.mark.parametrize("cc", (70, 75, 80, 90))

@@ -227,9 +227,11 @@ def test_explain_names_the_plan_that_runs():
     torch = _torch()
     q = torch.randn(1, 8, 1, 72, device="cuda", dtype=torch.float16)
     e = portattn.explain(q, q, q, causal=True)
-    assert e.plan.path == "simt" and e.plan.spec.head_dim == 96
+    assert e.plan == portattn.select_plan(e.device, e.problem)
+    assert e.plan.spec.head_dim == 96          # 72 runs padded inside the kernel
     text = str(e)
-    assert "why:" in text and "not sm80" in text
+    assert "why:" in text and f"path {e.plan.path}" in text
+    assert all(f"not {p}:" in text for p in ("sm80", "sm75", "sm70", "simt") if p != e.plan.path)
 
 
 def test_cuda_array_interface_pointing_at_host_memory_is_refused():

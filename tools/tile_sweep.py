@@ -31,7 +31,7 @@ def tiles_for(family, dtype, dpad, mma):
             yield t, KernelSpec("simt_fwd", dtype, dpad, *t), t in allowed
     else:
         for t in TC_TILES + TC_EXTRA:
-            ok = t in TC_TILES and tc_est_regs(*t, dpad, mma) <= TC_MAX_EST_REGS
+            ok = t in TC_TILES and tc_est_regs(*t, dpad, mma) <= TC_MAX_EST_REGS[mma]
             yield t, KernelSpec("tc_fwd", dtype, dpad, *t, mma=mma), ok
 
 

@@ -166,13 +166,19 @@ __global__ void __launch_bounds__(NT, 1) simt_fwd_kernel(
     const bool interior = n0 + BN <= sk &&
                           (win_left < 0 || n0 >= last_row + diag_off - win_left) &&
                           (win_right < 0 || n0 + BN - 1 <= m0 + diag_off + win_right);
+    // Without modifiers only the mask applies (kept apart from apply(), whose modifier
+    // branches the compiler would otherwise predicate into every element).
     if (!interior || has_mods) {
 #pragma unroll
       for (int r = 0; r < RM; ++r)
 #pragma unroll
         for (int c = 0; c < RN; ++c) {
-          const int j = n0 + (c / 4) * TX * 4 + tx * 4 + (c % 4);
-          s[r][c] = mods.apply(s[r][c], m0 + ty * RM + r, j);
+          const int i = m0 + ty * RM + r, j = n0 + (c / 4) * TX * 4 + tx * 4 + (c % 4);
+          if (has_mods) {
+            s[r][c] = mods.apply(s[r][c], i, j);
+          } else if (!mods.visible(i, j)) {
+            s[r][c] = neg_inf();
+          }
         }
     }
 

@@ -316,9 +316,10 @@ __global__ void __launch_bounds__(NT, 1) tc_fwd_kernel(
     const bool interior = n0 + BN <= sk &&
                           (win_left < 0 || n0 >= last_row + diag_off - win_left) &&
                           (win_right < 0 || n0 + BN - 1 <= m0 + diag_off + win_right);
-    const bool elementwise = !interior || has_mods;
-    const float sc = elementwise ? 1.f : scale_log2;
-    if (elementwise) {
+    // Without modifiers, masked tiles only need -inf where a key is hidden (a separate
+    // loop: folded into apply(), the compiler predicates every modifier per element).
+    const float sc = has_mods ? 1.f : scale_log2;
+    if (has_mods || !interior) {
 #pragma unroll
       for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
@@ -327,7 +328,11 @@ __global__ void __launch_bounds__(NT, 1) tc_fwd_kernel(
           for (int e = 0; e < 4; ++e) {
             const int i = m0 + wrow0 + mb * 16 + g + (e >> 1) * 8;
             const int j = n0 + t * 8 + tig * 2 + (e & 1);
-            s[mb][t][e] = mods.apply(s[mb][t][e] * scale_log2, i, j);
+            if (has_mods) {
+              s[mb][t][e] = mods.apply(s[mb][t][e] * scale_log2, i, j);
+            } else if (!mods.visible(i, j)) {
+              s[mb][t][e] = neg_inf();
+            }
           }
     }
 
