@@ -135,14 +135,15 @@ struct ScoreMods {
   const void* bias;      // already offset to this (batch, head); null disables
   long long bias_sq, bias_sk;
   int bias_kind;         // 1 float32, 2 float16, 3 bfloat16, 4 bool (nonzero keeps)
-  int win_left, win_right, diag_off, sk;
+  int win_left, win_right, diag_off, sq, sk;
 
   __device__ __forceinline__ bool any() const {
     return softcap_log2 > 0.f || alibi_log2 != 0.f || bias_kind != 0;
   }
-  // Key j visible to query i: inside [0, sk) and the (bottom-right or top-left aligned) window.
+  // Key j visible to query i: inside [0, sk) and the (bottom-right or top-left aligned)
+  // window. Padding rows past sq see nothing, so no modifier reads bias rows that don't exist.
   __device__ __forceinline__ bool visible(int i, int j) const {
-    return j < sk && (win_left < 0 || j >= i + diag_off - win_left) &&
+    return i < sq && j < sk && (win_left < 0 || j >= i + diag_off - win_left) &&
            (win_right < 0 || j <= i + diag_off + win_right);
   }
   __device__ __forceinline__ float apply(float s, int i, int j) const {

@@ -111,6 +111,7 @@ __global__ void __launch_bounds__(NT, 1) simt_fwd_kernel(
   mods.win_left = win_left;
   mods.win_right = win_right;
   mods.diag_off = diag_off;
+  mods.sq = sq;
   mods.sk = sk;
   const bool has_mods = mods.any();
 

@@ -235,6 +235,7 @@ __global__ void __launch_bounds__(NT, 1) tc_fwd_kernel(
   mods.win_left = win_left;
   mods.win_right = win_right;
   mods.diag_off = diag_off;
+  mods.sq = sq;
   mods.sk = sk;
   // A negative scale reverses the max; the per-element path handles it exactly.
   const bool has_mods = mods.any() || scale_log2 < 0.f;
