@@ -56,9 +56,20 @@ def simt_fwd_smem_bytes(spec: KernelSpec) -> int:
     return 4 * (d * bm + max(d * bn, bn * bm) + bn * d)
 
 
+def tc_q_in_registers(block_m: int, threads: int, head_dim: int, mma: int) -> bool:
+    """Turing keeps Q's fragments in registers when they take <= 32 (tc_fwd.cu kQRegs)."""
+    rows_per_warp = block_m // (16 * (threads // 32))
+    return mma < 80 and rows_per_warp * head_dim // 4 <= 32
+
+
 def tc_fwd_smem_bytes(spec: KernelSpec) -> int:
-    """Q (BM rows), K and V (BN rows each) in the input type, rows padded by 8 elements."""
-    return DTYPE_BYTES[spec.dtype] * (spec.block_m + 2 * spec.block_n) * (spec.head_dim + 8)
+    """Q (BM rows), K and V (BN rows each) in the input type, rows padded by 8 elements;
+    where Q lives in registers its rows are reused by K and V."""
+    if tc_q_in_registers(spec.block_m, spec.threads, spec.head_dim, spec.mma):
+        rows = max(spec.block_m, 2 * spec.block_n)
+    else:
+        rows = spec.block_m + 2 * spec.block_n
+    return DTYPE_BYTES[spec.dtype] * rows * (spec.head_dim + 8)
 
 
 SMEM_BYTES = {"simt_fwd": simt_fwd_smem_bytes, "tc_fwd": tc_fwd_smem_bytes}

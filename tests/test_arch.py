@@ -298,8 +298,12 @@ def check_plan(cc, dtype, head_dim):
         assert _fits_registers(s.head_dim, s.block_m, s.block_n, s.threads, s.tx)
     else:
         assert s.family == "tc_fwd" and s.mma == int(want[2:]) and s.tx == 0
-        # Q, K, V tiles in the 2-byte input type, rows padded by 8 elements.
-        assert plan.smem_bytes == 2 * (s.block_m + 2 * s.block_n) * (s.head_dim + 8)
+        # Q, K, V tiles in the 2-byte input type, rows padded by 8 elements; Turing keeps
+        # Q in registers when its fragments take <= 32, and K/V reuse its rows.
+        rows_per_warp = s.block_m // (16 * (s.threads // 32))
+        q_regs = s.mma < 80 and rows_per_warp * s.head_dim // 4 <= 32
+        rows = max(s.block_m, 2 * s.block_n) if q_regs else s.block_m + 2 * s.block_n
+        assert plan.smem_bytes == 2 * rows * (s.head_dim + 8)
         assert s.block_m % (16 * (s.threads // 32)) == 0
         assert plan_mod.tc_est_regs(s.block_m, s.block_n, s.threads, s.head_dim,
                                     s.mma) <= plan_mod.TC_MAX_EST_REGS[s.mma]
@@ -473,11 +477,13 @@ def test_chosen_tensor_core_tile_maximises_model(cc, mma):
         for bm, bn, threads in plan_mod.TC_TILES:
             mb = bm // (16 * (threads // 32))
             staged = (bn * d // 8 + threads - 1) // threads
-            est = mb * (d // 2 + 3 * bn // 4) + (4 * staged if mma < 80 and staged <= 4 else 0)
-            smem = 2 * (bm + 2 * bn) * (d + 8)
+            q_regs = mma < 80 and mb * d // 4 <= 32
+            est = (mb * (d // 2 + 3 * bn // 4) + (4 * staged if mma < 80 and staged <= 4 else 0)
+                   + (mb * d // 4 if q_regs else 0))
+            smem = 2 * (max(bm, 2 * bn) if q_regs else bm + 2 * bn) * (d + 8)
             if mb < 1 or est > plan_mod.TC_MAX_EST_REGS[mma] or smem > dev.smem_per_block:
                 continue
-            ldsm = (d // 16) * (mb + bn // 16) + (bn // 16) * (d // 16)
+            ldsm = (d // 16) * ((0 if q_regs else mb) + bn // 16) + (bn // 16) * (d // 16)
             warps = _ctas(f, dev.smem_per_sm, threads, smem) * threads // 32
             scored.append(((mb * bn * d // 64) / ldsm * min(warps, 8), (bm, bn, threads)))
         best = max(score for score, _ in scored)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..spec import DTYPES, MAX_HEAD_DIM, KernelSpec, head_dim_bucket
+from ..spec import DTYPES, MAX_HEAD_DIM, KernelSpec, head_dim_bucket, tc_q_in_registers
 from .device import DeviceInfo
 from .table import MMA_M8N8K4, MMA_M16N8K8, MMA_M16N8K16, MMA_NAMES
 
@@ -181,8 +181,8 @@ TC_TILES = (
 # 3*block_n/4), plus Turing's register-staged tile. ptxas (NVRTC 12.9) lands at about
 # est + 45..90. Per MMA policy: sm80 compiles est 176 to 221-240 registers with no spills
 # (and those tiles measured 12-29% faster on an H100); est 192+ spilled. Turing's
-# staging and split MMAs cost more: est 176 spilled on sm_75, 160 did not.
-TC_MAX_EST_REGS = {80: 176, 75: 160}
+# staging, split MMAs and register-held Q cost more: est 160 spilled on sm_75, 152 not.
+TC_MAX_EST_REGS = {80: 176, 75: 152}
 
 
 def tc_rows_per_warp(bm: int, threads: int) -> int:
@@ -196,16 +196,19 @@ def tc_est_regs(bm: int, bn: int, threads: int, d: int, mma: int) -> int:
         per_thread = -(-(bn * d // 8) // threads)
         if per_thread <= 4:                   # the kernel's kStage rule
             est += 4 * per_thread
+        if tc_q_in_registers(bm, threads, d, mma):
+            est += mb * d // 4
     return est
 
 
-def tc_mma_per_ldsm(bm: int, bn: int, threads: int, d: int) -> float:
-    """MMAs per ldmatrix.x4 per warp and K/V tile: Q (MB per k16 step) and K (block_n/16)
-    for S, V (d/16 per key step) for PV."""
+def tc_mma_per_ldsm(bm: int, bn: int, threads: int, d: int, mma: int) -> float:
+    """MMAs per ldmatrix.x4 per warp and K/V tile: Q (MB per k16 step, none when held in
+    registers) and K (block_n/16) for S, V (d/16 per key step) for PV."""
     mb = tc_rows_per_warp(bm, threads)
-    mma = mb * bn * d // 64
-    ldsm = (d // 16) * (mb + bn // 16) + (bn // 16) * (d // 16)
-    return mma / ldsm
+    q_loads = 0 if tc_q_in_registers(bm, threads, d, mma) else mb
+    mma_ops = mb * bn * d // 64
+    ldsm = (d // 16) * (q_loads + bn // 16) + (bn // 16) * (d // 16)
+    return mma_ops / ldsm
 
 
 def _plan_tc(device: DeviceInfo, problem: Problem, mma: int):
@@ -223,14 +226,14 @@ def _plan_tc(device: DeviceInfo, problem: Problem, mma: int):
         if smem > device.smem_per_block:
             continue
         ctas = ctas_per_sm(device, threads, smem)
-        score = tc_mma_per_ldsm(bm, bn, threads, d) * min(ctas * threads // 32,
+        score = tc_mma_per_ldsm(bm, bn, threads, d, mma) * min(ctas * threads // 32,
                                                            TARGET_WARPS_PER_SM)
         if score > best_score:
             best, best_score = (spec, smem, ctas), score
     if best is None:
         return None, f"no tensor-core tile for head dim {d} fits {lim}"
     spec, smem, ctas = best
-    ratio = tc_mma_per_ldsm(spec.block_m, spec.block_n, spec.threads, d)
+    ratio = tc_mma_per_ldsm(spec.block_m, spec.block_n, spec.threads, d, mma)
     return best, (f"{spec.block_m}x{spec.block_n} tile: best of {ratio:.2f} MMAs per ldmatrix "
                   f"x {ctas} CTA(s) of {spec.threads // 32} warps resident "
                   f"(target {TARGET_WARPS_PER_SM} warps) in {lim}")

@@ -172,11 +172,29 @@ struct TileCopy {
   }
 };
 
-template <class T>
-__device__ __forceinline__ unsigned pack2(float lo, float hi) {
-  return static_cast<unsigned>(from_float<T>(lo).bits) |
-         (static_cast<unsigned>(from_float<T>(hi).bits) << 16);
-}
+// Two P values in the MMA input type, one register. ptxas turns the fp16 form into one
+// packed convert on every arch; bf16's hand rounding (common.cuh, for pre-sm_80 targets)
+// costs ~8 integer ops and a branch per element, so sm_80+ uses its packed convert.
+template <class T, int ARCH>
+struct Pack2 {
+  static __device__ __forceinline__ unsigned run(float lo, float hi) {
+    return static_cast<unsigned>(from_float<T>(lo).bits) |
+           (static_cast<unsigned>(from_float<T>(hi).bits) << 16);
+  }
+};
+template <int ARCH>
+struct Pack2<bf16_t, ARCH> {
+  static __device__ __forceinline__ unsigned run(float lo, float hi) {
+    if constexpr (ARCH >= 80) {
+      unsigned r;
+      asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+      return r;
+    } else {
+      return static_cast<unsigned>(from_float<bf16_t>(lo).bits) |
+             (static_cast<unsigned>(from_float<bf16_t>(hi).bits) << 16);
+    }
+  }
+};
 
 template <class T, int D, int BM, int BN, int NT, int ARCH>
 __global__ void __launch_bounds__(NT, 1) tc_fwd_kernel(
@@ -201,6 +219,10 @@ __global__ void __launch_bounds__(NT, 1) tc_fwd_kernel(
   // Turing stages the next tile in registers only while that costs <= 16 registers;
   // beyond (d >= 192) the staging spills, so copies go straight to shared memory.
   constexpr bool kStage = !kAsync && TileCopy<T, BN, D, NT>::kPerThread <= 4;
+  // Turing has 64 KB of shared memory per SM: where Q's fragments fit in 32 registers it
+  // is held there for the whole kernel and its shared-memory slot becomes K/V's, which
+  // triples resident CTAs at d128 (spec.py's tc_q_in_registers must agree).
+  constexpr bool kQRegs = !kAsync && MB * D / 4 <= 32;
   static_assert(MB * 16 * NW == BM && BN % 16 == 0 && D % 16 == 0, "tile shape");
   using Mma = typename conditional<ARCH >= 80, MmaSm80<T>, MmaSm75<T>>::type;
   using QCopy = TileCopy<T, BM, D, NT>;
@@ -208,7 +230,7 @@ __global__ void __launch_bounds__(NT, 1) tc_fwd_kernel(
 
   extern __shared__ uint4 smem_u4[];
   T* Qs = reinterpret_cast<T*>(smem_u4);
-  T* Ks = Qs + BM * LD;
+  T* Ks = kQRegs ? Qs : Qs + BM * LD;
   T* Vs = Ks + BN * LD;
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -256,6 +278,19 @@ __global__ void __launch_bounds__(NT, 1) tc_fwd_kernel(
     if (n_first < n_hi) KVCopy::async(Ks, kbase, k_ss, n_first, min(BN, sk - n_first), d, vk);
   } else {
     QCopy::direct(Qs, qbase, q_ss, m0, rows_valid, d, vq);
+  }
+  unsigned qreg[kQRegs ? MB : 1][kQRegs ? D / 16 : 1][4];
+  if constexpr (kQRegs) {
+    __syncthreads();
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+      for (int kd = 0; kd < D / 16; ++kd)
+        ldsm_x4(qreg[mb][kd],
+                Qs + (wrow0 + mb * 16 + (lane & 15)) * LD + kd * 16 + (lane >> 4) * 8);
+    __syncthreads();  // every warp holds its Q before K overwrites the slot
+  }
+  if constexpr (!kAsync) {
     if (n_first < n_hi) KVCopy::direct(Ks, kbase, k_ss, n_first, min(BN, sk - n_first), d, vk);
   }
 
@@ -297,8 +332,14 @@ __global__ void __launch_bounds__(NT, 1) tc_fwd_kernel(
     for (int kd = 0; kd < D / 16; ++kd) {
       unsigned qa[MB][4];
 #pragma unroll
-      for (int mb = 0; mb < MB; ++mb)
-        ldsm_x4(qa[mb], Qs + (wrow0 + mb * 16 + (lane & 15)) * LD + kd * 16 + (lane >> 4) * 8);
+      for (int mb = 0; mb < MB; ++mb) {
+        if constexpr (kQRegs) {
+#pragma unroll
+          for (int r = 0; r < 4; ++r) qa[mb][r] = qreg[mb][kd][r];
+        } else {
+          ldsm_x4(qa[mb], Qs + (wrow0 + mb * 16 + (lane & 15)) * LD + kd * 16 + (lane >> 4) * 8);
+        }
+      }
 #pragma unroll
       for (int np = 0; np < NTL / 2; ++np) {
         unsigned kb[4];
@@ -370,10 +411,10 @@ __global__ void __launch_bounds__(NT, 1) tc_fwd_kernel(
       }
 #pragma unroll
       for (int kn = 0; kn < BN / 16; ++kn) {
-        pa[mb][kn][0] = pack2<T>(s[mb][2 * kn][0], s[mb][2 * kn][1]);
-        pa[mb][kn][1] = pack2<T>(s[mb][2 * kn][2], s[mb][2 * kn][3]);
-        pa[mb][kn][2] = pack2<T>(s[mb][2 * kn + 1][0], s[mb][2 * kn + 1][1]);
-        pa[mb][kn][3] = pack2<T>(s[mb][2 * kn + 1][2], s[mb][2 * kn + 1][3]);
+        pa[mb][kn][0] = Pack2<T, ARCH>::run(s[mb][2 * kn][0], s[mb][2 * kn][1]);
+        pa[mb][kn][1] = Pack2<T, ARCH>::run(s[mb][2 * kn][2], s[mb][2 * kn][3]);
+        pa[mb][kn][2] = Pack2<T, ARCH>::run(s[mb][2 * kn + 1][0], s[mb][2 * kn + 1][1]);
+        pa[mb][kn][3] = Pack2<T, ARCH>::run(s[mb][2 * kn + 1][2], s[mb][2 * kn + 1][3]);
       }
     }
 
