@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _arrays
-from .arch import Plan, Problem, detect, select_plan
+from .arch import Plan, Problem, detect, forced_path, select_plan
 from .arch.device import DeviceInfo
 from .spec import DTYPES, MAX_HEAD_DIM
 
@@ -167,7 +167,7 @@ def _prepare(q, k, v, *, dropout_p, softmax_scale, causal, window_size, softcap,
                       nheads_q=hq, nheads_kv=hkv, causal=bool(causal), window=(left, right),
                       alibi=alibi is not None, softcap=softcap > 0, bias=bias is not None)
     device = detect(qv.device)
-    plan = select_plan(device, problem)
+    plan = select_plan(device, problem, only=forced_path())
     return _Prepared(device, problem, plan, qv, kv, vv, bias_view, bias_strides, alibi,
                      float(softmax_scale), float(softcap), (left, right), diag_off)
 

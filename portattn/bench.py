@@ -177,16 +177,21 @@ def flops(row: Row) -> float:
     return f / 2 if row.causal else f
 
 
-def _portattn_runner(torch, q, k, v, causal, arch):
-    from . import flash_attn_func, explain
-    from .testing import forced_arch
-    with forced_arch(arch):
+def _portattn_runner(torch, q, k, v, causal, arch, path=None):
+    from . import explain, flash_attn_func
+    from .testing import forced_arch, forced_path
+    with forced_arch(arch), forced_path(path):
         plan = explain(q, k, v, causal=causal).plan
 
     def run():
-        with forced_arch(arch):
+        with forced_arch(arch), forced_path(path):
             flash_attn_func(q, k, v, causal=causal)
     return run, plan
+
+
+def impl_name(arch, path=None) -> str:
+    return ("portattn" + ("" if arch is None else f"@sm_{arch}")
+            + ("" if path is None else f":{path}"))
 
 
 def _sdpa_runner(torch, backend, qt, kt, vt, causal):
@@ -221,10 +226,11 @@ def run_bench(dtypes=("float16", "float32"), head_dims=(64, 128),
               end="", file=progress, flush=True)
         tdt = getattr(torch, dt)
         q, k, v = (torch.randn(batch, L, heads, d, device="cuda", dtype=tdt) for _ in range(3))
-        for arch in archs:
-            name = "portattn" if arch is None else f"portattn@sm_{arch}"
+        for entry in archs:
+            arch, path = entry if isinstance(entry, tuple) else (entry, None)
+            name = impl_name(arch, path)
             try:
-                fn, plan = _portattn_runner(torch, q, k, v, c, arch)
+                fn, plan = _portattn_runner(torch, q, k, v, c, arch, path)
                 row.tflops[name] = flops(row) / time_ms(fn) / 1e9
                 row.notes[name] = f"{plan.path}:{plan.spec.short()}"
             except Exception as e:   # a path that cannot run this shape is reported, not fatal
@@ -403,7 +409,9 @@ def parser():
     ap.add_argument("--seqlens", default="512,1024,2048,4096,8192,16384")
     ap.add_argument("--causal", default="both", choices=("both", "on", "off"))
     ap.add_argument("--archs", default="native",
-                    help="comma list of 'native' and sm_XX to force (PORTATTN_ARCH)")
+                    help="comma list of 'native' and sm_XX to force (PORTATTN_ARCH), each "
+                         "optionally ':path' to force a path too (PORTATTN_PATH), e.g. "
+                         "native:simt")
     ap.add_argument("--baselines", default=",".join(SDPA_BACKENDS))
     ap.add_argument("--json", default=None, help="write the full results here")
     ap.add_argument("--plot", default=None, metavar="PATH.png",
@@ -415,8 +423,15 @@ def parser():
 def main(argv) -> int:
     a = parser().parse_args(argv)
     from .arch import parse_arch
-    archs = tuple(None if x == "native" else parse_arch(x, source="--archs")
-                  for x in a.archs.split(","))
+    from .arch import PATH_NAMES
+    archs = []
+    for item in a.archs.split(","):
+        arch, _, path = item.partition(":")
+        if path and path not in PATH_NAMES:
+            raise ValueError(f"--archs path must be one of {PATH_NAMES}, got {path!r}")
+        archs.append((None if arch == "native" else parse_arch(arch, source="--archs"),
+                      path or None))
+    archs = tuple(archs)
     causals = {"both": (False, True), "on": (True,), "off": (False,)}[a.causal]
     result = run_bench(tuple(a.dtypes.split(",")), tuple(int(x) for x in a.head_dims.split(",")),
                        tuple(int(x) for x in a.seqlens.split(",")), causals, archs,

@@ -88,20 +88,29 @@ def poisoned_outputs():
 
 
 @contextlib.contextmanager
-def forced_arch(cc):
-    """Plan as if on sm_``cc`` (None: the real GPU) for the duration."""
-    old = os.environ.get("PORTATTN_ARCH")
-    if cc is None:
-        os.environ.pop("PORTATTN_ARCH", None)
+def _env(name: str, value):
+    old = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
     else:
-        os.environ["PORTATTN_ARCH"] = f"sm_{cc}"
+        os.environ[name] = value
     try:
         yield
     finally:
         if old is None:
-            os.environ.pop("PORTATTN_ARCH", None)
+            os.environ.pop(name, None)
         else:
-            os.environ["PORTATTN_ARCH"] = old
+            os.environ[name] = old
+
+
+def forced_arch(cc):
+    """Plan as if on sm_``cc`` (None: the real GPU) for the duration."""
+    return _env("PORTATTN_ARCH", None if cc is None else f"sm_{cc}")
+
+
+def forced_path(path):
+    """Allow only ``path`` (None: any) for the duration (PORTATTN_PATH)."""
+    return _env("PORTATTN_PATH", path)
 
 
 def check_forward(fn_kwargs: dict, arrays: dict, dtype: str, kind: str, flash_attn_func):

@@ -592,3 +592,33 @@ def test_ctas_largest_block_is_resident(cc):
     dev = device_from_arch(cc)
     assert plan_mod.ctas_per_sm(dev, 128, dev.smem_per_block) >= 1
     assert plan_mod.ctas_per_sm(dev, 128, dev.smem_per_sm + 1) == 0
+
+
+def test_only_restricts_the_choice_and_says_why():
+    dev = device_from_arch(90)
+    plan = select_plan(dev, Problem("float16", 64), only="simt")
+    assert plan.path == "simt" and plan.spec.family == "simt_fwd"
+    rej = dict(plan.rejected)
+    assert set(rej) == {"sm80", "sm75", "sm70"}
+    assert all(why == "excluded: PORTATTN_PATH=simt" for why in rej.values())
+    assert select_plan(dev, Problem("float16", 64), only="sm75").spec.mma == 75
+    # A forced path that cannot run is an error naming why, never a silent fallback.
+    with pytest.raises(ValueError, match="sm75: .*bfloat16"):
+        select_plan(dev, Problem("bfloat16", 64), only="sm75")
+    with pytest.raises(ValueError, match="sm70: mma.m8n8k4 is emulated"):
+        select_plan(dev, Problem("float16", 64), only="sm70")
+    with pytest.raises(ValueError, match="sm70: not implemented"):
+        select_plan(device_from_arch(70), Problem("float16", 64), only="sm70")
+    with pytest.raises(ValueError, match="path must be one of"):
+        select_plan(dev, Problem("float16", 64), only="tensorcores")
+
+
+def test_forced_path_env(monkeypatch):
+    from portattn.arch import forced_path
+    monkeypatch.delenv("PORTATTN_PATH", raising=False)
+    assert forced_path() is None
+    monkeypatch.setenv("PORTATTN_PATH", " SIMT ")
+    assert forced_path() == "simt"
+    monkeypatch.setenv("PORTATTN_PATH", "fast")
+    with pytest.raises(ValueError, match="PORTATTN_PATH must be one of"):
+        forced_path()

@@ -21,6 +21,20 @@ def forced_arch() -> int | None:
     return parse_arch(value, source=ENV_ARCH) if value else None
 
 
+ENV_PATH = "PORTATTN_PATH"
+
+
+def forced_path() -> str | None:
+    """The one path PORTATTN_PATH allows (for debugging and benchmarks), or None."""
+    from .plan import PATH_NAMES
+    value = os.environ.get(ENV_PATH, "").strip().lower()
+    if not value:
+        return None
+    if value not in PATH_NAMES:
+        raise ValueError(f"{ENV_PATH} must be one of {PATH_NAMES}, got {value!r}")
+    return value
+
+
 def import_cupy():
     try:
         import cupy

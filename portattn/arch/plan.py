@@ -251,14 +251,19 @@ def validate_problem(problem: Problem) -> None:
         raise ValueError(f"head dim must be in 1..{MAX_HEAD_DIM}, got {problem.head_dim}")
 
 
-def select_plan(device: DeviceInfo, problem: Problem) -> Plan:
-    """Choose the path and tiles for ``problem`` on ``device``; pure and deterministic."""
+def select_plan(device: DeviceInfo, problem: Problem, only: str | None = None) -> Plan:
+    """Choose the path and tiles for ``problem`` on ``device``; pure and deterministic.
+    ``only`` (PORTATTN_PATH) restricts the choice to one path; ValueError if it can't run."""
     validate_problem(problem)
+    if only is not None and only not in PATH_NAMES:
+        raise ValueError(f"path must be one of {PATH_NAMES}, got {only!r}")
     f = device.facts
     chosen = None
     rejected = []
     for path in PATHS:
         why = _path_hw_reason(path, f, problem.dtype)
+        if only is not None and path.name != only:
+            why = f"excluded: PORTATTN_PATH={only}"
         if why is None and not path.implemented:
             why = "not implemented in this release of portattn"
         if why is None and chosen is not None:
