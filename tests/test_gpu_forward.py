@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 import portattn
 from portattn.arch import KNOWN_CCS
-from portattn.testing import check_forward, forced_arch, random_inputs, to_numpy
+from portattn.testing import (check_forward, forced_arch, forced_path, random_inputs,
+                              to_numpy)
 
 pytestmark = pytest.mark.gpu
 
@@ -134,6 +135,22 @@ def test_forward_matches_reference(case):
 def test_every_arch_forced(arch, dtype):
     run_case(Case(dtype=dtype, arch=arch, sq=97, sk=130, d=72, hkv=2, group=2, causal=True,
                   seed=arch or 0))
+
+
+@pytest.mark.parametrize("path", ["simt", "sm75", "sm80"])
+def test_each_path_forced_on_this_gpu(path):
+    # PORTATTN_PATH runs a path this GPU would not pick by itself (e.g. SIMT for fp16 on
+    # sm_80+), with this GPU's own limits; a path the GPU cannot run raises instead.
+    import cupy
+    cc = int(cupy.cuda.Device().compute_capability)
+    need = {"simt": 50, "sm75": 75, "sm80": 80}[path]
+    if cc < need:
+        pytest.skip(f"{path} needs sm_{need}+")
+    with forced_path(path):
+        run_case(Case(dtype="float16", sq=130, sk=97, d=72, hkv=2, group=2, causal=True,
+                      softcap=20.0, seed=need))
+        q = cupy.zeros((1, 8, 1, 64), dtype=cupy.float16)
+        assert portattn.explain(q, q, q).plan.path == path
 
 
 def _torch():
