@@ -164,4 +164,60 @@ struct ScoreMods {
   }
 };
 
+// The query tile, batch and head a CTA computes. Query tiles of one (batch, head) are
+// adjacent in launch order so its K/V stay in L2; the last (for causal, heaviest) goes first.
+struct CtaTile {
+  int b, h, hk, m0, rows_valid, last_row;
+
+  __device__ __forceinline__ CtaTile(int bm, int sq, int hq, int group) {
+    const int num_mb = (sq + bm - 1) / bm;
+    const int mb = num_mb - 1 - static_cast<int>(blockIdx.x % num_mb);
+    const int bh = static_cast<int>(blockIdx.x / num_mb);
+    b = bh / hq;
+    h = bh % hq;
+    hk = h / group;
+    m0 = mb * bm;
+    rows_valid = min(bm, sq - m0);
+    last_row = m0 + rows_valid - 1;
+  }
+};
+
+// Score modifiers and the window for this CTA's (batch, head), from the kernel arguments
+// every family shares, plus the range of keys any of its rows can see.
+struct CtaScores {
+  ScoreMods mods;
+  int n_lo, n_hi;   // tiles outside [n_lo, n_hi) are never loaded
+
+  __device__ __forceinline__ CtaScores(const CtaTile& t, const void* bias, int bias_kind,
+                                       long long bias_sb, long long bias_sh, long long bias_sq,
+                                       long long bias_sk, const float* alibi,
+                                       long long alibi_sb, long long alibi_sh,
+                                       float softcap_log2, int win_left, int win_right,
+                                       int diag_off, int sq, int sk) {
+    const int elem = bias_kind == 1 ? 4 : bias_kind == 4 ? 1 : 2;
+    mods.softcap_log2 = softcap_log2;
+    mods.alibi_log2 = alibi ? kLog2e * alibi[t.b * alibi_sb + t.h * alibi_sh] : 0.f;
+    mods.bias_kind = bias_kind;
+    mods.bias = bias_kind ? static_cast<const void*>(static_cast<const char*>(bias) +
+                                                     (t.b * bias_sb + t.h * bias_sh) * elem)
+                          : nullptr;
+    mods.bias_sq = bias_sq;
+    mods.bias_sk = bias_sk;
+    mods.win_left = win_left;
+    mods.win_right = win_right;
+    mods.diag_off = diag_off;
+    mods.sq = sq;
+    mods.sk = sk;
+    n_lo = win_left >= 0 ? max(0, t.m0 + diag_off - win_left) : 0;
+    n_hi = win_right >= 0 ? min(sk, t.last_row + diag_off + win_right + 1) : sk;
+  }
+
+  // Every valid row of the CTA sees every key of [n0, n0 + bn): no per-element mask.
+  __device__ __forceinline__ bool interior(const CtaTile& t, int n0, int bn) const {
+    return n0 + bn <= mods.sk &&
+           (mods.win_left < 0 || n0 >= t.last_row + mods.diag_off - mods.win_left) &&
+           (mods.win_right < 0 || n0 + bn - 1 <= t.m0 + mods.diag_off + mods.win_right);
+  }
+};
+
 }  // namespace portattn

@@ -88,37 +88,13 @@ __global__ void __launch_bounds__(NT, 1) simt_fwd_kernel(
 
   const int tid = threadIdx.x;
   const int tx = tid % TX, ty = tid / TX;
-  const int num_mb = (sq + BM - 1) / BM;
-  // Query tiles of one (batch, head) are adjacent in launch order so its K/V stay in L2;
-  // the last (for causal, heaviest) tile goes first.
-  const int mb = num_mb - 1 - static_cast<int>(blockIdx.x % num_mb);
-  const int bh = static_cast<int>(blockIdx.x / num_mb);
-  const int b = bh / hq, h = bh % hq, hk = h / group;
-  const int m0 = mb * BM;
-  const int rows_valid = min(BM, sq - m0);
-  const int last_row = m0 + rows_valid - 1;
-
-  ScoreMods mods;
-  mods.softcap_log2 = softcap_log2;
-  mods.alibi_log2 = alibi ? kLog2e * alibi[b * alibi_sb + h * alibi_sh] : 0.f;
-  mods.bias_kind = bias_kind;
-  mods.bias = bias_kind ? static_cast<const void*>(
-                              static_cast<const char*>(bias) +
-                              (b * bias_sb + h * bias_sh) * (bias_kind == 1 ? 4 : bias_kind == 4 ? 1 : 2))
-                        : nullptr;
-  mods.bias_sq = bias_sq;
-  mods.bias_sk = bias_sk;
-  mods.win_left = win_left;
-  mods.win_right = win_right;
-  mods.diag_off = diag_off;
-  mods.sq = sq;
-  mods.sk = sk;
+  const CtaTile t(BM, sq, hq, group);
+  const int b = t.b, h = t.h, hk = t.hk, m0 = t.m0, rows_valid = t.rows_valid;
+  const CtaScores cs(t, bias, bias_kind, bias_sb, bias_sh, bias_sq, bias_sk, alibi, alibi_sb,
+                     alibi_sh, softcap_log2, win_left, win_right, diag_off, sq, sk);
+  const ScoreMods& mods = cs.mods;
   const bool has_mods = mods.any();
-
-  // Keys any row of this tile can see: [n_lo, n_hi). Tiles outside are never loaded.
-  int n_lo = 0, n_hi = sk;
-  if (win_left >= 0) n_lo = max(0, m0 + diag_off - win_left);
-  if (win_right >= 0) n_hi = min(sk, last_row + diag_off + win_right + 1);
+  const int n_lo = cs.n_lo, n_hi = cs.n_hi;
 
   stage_transposed<T, BM, D, NT>(Qs, q + b * q_sb + h * q_sh, q_ss, m0, rows_valid, d,
                                  vec_flags & 1, scale_log2);
@@ -164,9 +140,7 @@ __global__ void __launch_bounds__(NT, 1) simt_fwd_kernel(
     __syncthreads();  // every K^T read is done before P^T overwrites it
 
     // Interior tiles (fully visible to every row) skip the per-element work.
-    const bool interior = n0 + BN <= sk &&
-                          (win_left < 0 || n0 >= last_row + diag_off - win_left) &&
-                          (win_right < 0 || n0 + BN - 1 <= m0 + diag_off + win_right);
+    const bool interior = cs.interior(t, n0, BN);
     // Without modifiers only the mask applies (kept apart from apply(), whose modifier
     // branches the compiler would otherwise predicate into every element).
     if (!interior || has_mods) {

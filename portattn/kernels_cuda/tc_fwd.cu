@@ -235,36 +235,15 @@ __global__ void __launch_bounds__(NT, 1) tc_fwd_kernel(
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, tig = lane & 3;
-  const int num_mb = (sq + BM - 1) / BM;
-  const int mblk = num_mb - 1 - static_cast<int>(blockIdx.x % num_mb);
-  const int bh = static_cast<int>(blockIdx.x / num_mb);
-  const int b = bh / hq, h = bh % hq, hk = h / group;
-  const int m0 = mblk * BM;
-  const int rows_valid = min(BM, sq - m0);
-  const int last_row = m0 + rows_valid - 1;
+  const CtaTile t(BM, sq, hq, group);
+  const int b = t.b, h = t.h, hk = t.hk, m0 = t.m0, rows_valid = t.rows_valid;
   const int wrow0 = warp * MB * 16;     // this warp's first row inside the tile
-
-  ScoreMods mods;
-  mods.softcap_log2 = softcap_log2;
-  mods.alibi_log2 = alibi ? kLog2e * alibi[b * alibi_sb + h * alibi_sh] : 0.f;
-  mods.bias_kind = bias_kind;
-  mods.bias = bias_kind ? static_cast<const void*>(
-                              static_cast<const char*>(bias) +
-                              (b * bias_sb + h * bias_sh) * (bias_kind == 1 ? 4 : bias_kind == 4 ? 1 : 2))
-                        : nullptr;
-  mods.bias_sq = bias_sq;
-  mods.bias_sk = bias_sk;
-  mods.win_left = win_left;
-  mods.win_right = win_right;
-  mods.diag_off = diag_off;
-  mods.sq = sq;
-  mods.sk = sk;
+  const CtaScores cs(t, bias, bias_kind, bias_sb, bias_sh, bias_sq, bias_sk, alibi, alibi_sb,
+                     alibi_sh, softcap_log2, win_left, win_right, diag_off, sq, sk);
+  const ScoreMods& mods = cs.mods;
   // A negative scale reverses the max; the per-element path handles it exactly.
   const bool has_mods = mods.any() || scale_log2 < 0.f;
-
-  int n_lo = 0, n_hi = sk;
-  if (win_left >= 0) n_lo = max(0, m0 + diag_off - win_left);
-  if (win_right >= 0) n_hi = min(sk, last_row + diag_off + win_right + 1);
+  const int n_lo = cs.n_lo, n_hi = cs.n_hi;
   const int n_first = n_lo / BN * BN;
 
   const T* qbase = q + b * q_sb + h * q_sh;
@@ -355,9 +334,7 @@ __global__ void __launch_bounds__(NT, 1) tc_fwd_kernel(
 
     // Scores stay raw (q.k) on interior tiles, with the scale folded into exp2's FFMA;
     // tiles that need masks or modifiers move to the log2 domain element by element.
-    const bool interior = n0 + BN <= sk &&
-                          (win_left < 0 || n0 >= last_row + diag_off - win_left) &&
-                          (win_right < 0 || n0 + BN - 1 <= m0 + diag_off + win_right);
+    const bool interior = cs.interior(t, n0, BN);
     // Without modifiers, masked tiles only need -inf where a key is hidden (a separate
     // loop: folded into apply(), the compiler predicates every modifier per element).
     const float sc = has_mods ? 1.f : scale_log2;
