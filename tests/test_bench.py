@@ -1,14 +1,12 @@
 """The bench's table, plot and peak lookup on a synthetic result, and the peak probes
 compiled to SASS by NVRTC for each tensor-core arch; no GPU."""
-import importlib.util
-import os
 import sys
 
 import pytest
+from toolload import load_tool
 
 from portattn import bench
 
-_TOOL = os.path.join(os.path.dirname(__file__), "..", "tools", "peaks_gate.py")
 
 PEAKS = {"fma_fp32": 50.0, "mma_m8n8k4": 100.0, "mma_m16n8k8": 300.0,
          "mma_m16n8k16": 400.0, "mma_m16n8k16_bf16": 200.0}
@@ -90,10 +88,7 @@ def test_bench_options():
 
 
 def _gate():
-    spec = importlib.util.spec_from_file_location("peaks_gate", _TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("peaks_gate")
 
 
 @pytest.fixture(scope="module")

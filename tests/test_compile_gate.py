@@ -1,21 +1,12 @@
 """The compile gate in CI: every plannable kernel, every gate arch, real SASS, no GPU."""
-import importlib.util
-import os
-import sys
 
 import pytest
+from toolload import load_tool
 
 from portattn.arch import GATE_CCS, all_specs_for, device_from_arch
 
-_TOOL = os.path.join(os.path.dirname(__file__), "..", "tools", "compile_gate.py")
-
-
 def _gate():
-    spec = importlib.util.spec_from_file_location("compile_gate", _TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod      # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("compile_gate")
 
 
 def _nvrtc_archs():

@@ -1,20 +1,11 @@
 """tools/sanitize.py's verdicts from a child's output; no GPU and no sanitizer needed."""
-import importlib.util
-import os
-import sys
 
 import pytest
-
-_TOOL = os.path.join(os.path.dirname(__file__), "..", "tools", "sanitize.py")
-
+from toolload import load_tool
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("sanitize_tool", _TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod      # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("sanitize")
 
 
 CLEAN = """========= COMPUTE-SANITIZER

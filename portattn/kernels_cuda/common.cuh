@@ -3,6 +3,22 @@
 // types are plain 16-bit payloads converted with PTX that exists on every target (sm_50+).
 #pragma once
 
+// The forward kernels' argument list, in the order api._launch passes it (one place, so
+// the families and the launcher cannot drift apart).
+#define PORTATTN_FWD_PARAMS(T) \
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, \
+    T* __restrict__ o, float* __restrict__ lse, const void* __restrict__ bias, \
+    const float* __restrict__ alibi, \
+    long long q_sb, long long q_ss, long long q_sh, \
+    long long k_sb, long long k_ss, long long k_sh, \
+    long long v_sb, long long v_ss, long long v_sh, \
+    long long o_sb, long long o_ss, long long o_sh, \
+    long long bias_sb, long long bias_sh, long long bias_sq, long long bias_sk, \
+    long long alibi_sb, long long alibi_sh, \
+    int hq, int group, int sq, int sk, int d, \
+    int win_left, int win_right, int diag_off, \
+    float scale_log2, float softcap_log2, int bias_kind, int vec_flags
+
 namespace portattn {
 
 // NVRTC has no <type_traits>.

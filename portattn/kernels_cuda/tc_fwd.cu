@@ -198,18 +198,7 @@ struct Pack2<bf16_t, ARCH> {
 
 template <class T, int D, int BM, int BN, int NT, int ARCH>
 __global__ void __launch_bounds__(NT, 1) tc_fwd_kernel(
-    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-    T* __restrict__ o, float* __restrict__ lse, const void* __restrict__ bias,
-    const float* __restrict__ alibi,
-    long long q_sb, long long q_ss, long long q_sh,
-    long long k_sb, long long k_ss, long long k_sh,
-    long long v_sb, long long v_ss, long long v_sh,
-    long long o_sb, long long o_ss, long long o_sh,
-    long long bias_sb, long long bias_sh, long long bias_sq, long long bias_sk,
-    long long alibi_sb, long long alibi_sh,
-    int hq, int group, int sq, int sk, int d,
-    int win_left, int win_right, int diag_off,
-    float scale_log2, float softcap_log2, int bias_kind, int vec_flags) {
+    PORTATTN_FWD_PARAMS(T)) {
   constexpr int NW = NT / 32;
   constexpr int MB = BM / (16 * NW);   // 16-row blocks per warp
   constexpr int NTL = BN / 8;          // n8 tiles of S
