@@ -125,18 +125,11 @@ def measure_peaks() -> dict:
 def compile_peaks(cc: int):
     """peaks.cu compiled by NVRTC alone for sm_``cc`` (no GPU): (cubin bytes, ptxas log)."""
     from cupy_backends.cuda.libs import nvrtc
-    from .compile import COMPILE_OPTIONS, build_source
-    prog = nvrtc.createProgram(build_source("peaks"), "peaks.cu", [], [])
+    from .compile import nvrtc_compile
     try:
-        try:
-            nvrtc.compileProgram(prog, list(COMPILE_OPTIONS)
-                                 + [f"--gpu-architecture=sm_{cc}", "-Xptxas=-v"])
-        except nvrtc.NVRTCError as e:
-            raise RuntimeError(f"NVRTC failed on peaks.cu for sm_{cc}:\n"
-                               f"{nvrtc.getProgramLog(prog)}") from e
-        cubin, log = nvrtc.getCUBIN(prog), nvrtc.getProgramLog(prog)
-    finally:
-        nvrtc.destroyProgram(prog)
+        cubin, log, _ = nvrtc_compile("peaks", cc)
+    except nvrtc.NVRTCError as e:
+        raise RuntimeError(f"NVRTC failed on peaks.cu for sm_{cc}:\n{e.log}") from e
     # CuPy hands the image back short of its final zero byte(s), which cuobjdump then
     # rejects; the ELF header says where the image ends.
     phoff, shoff = struct.unpack_from("<QQ", cubin, 0x20)

@@ -92,19 +92,34 @@ def get_function(spec: KernelSpec, device_id: int):
         return fn
 
 
-def compile_cubin(spec: KernelSpec, cc: int):
-    """Compile ``spec`` for sm_``cc`` with NVRTC alone (no GPU or driver needed).
+def nvrtc_compile(family: str, cc: int, name_expressions=()):
+    """Compile kernels_cuda/``family``.cu for sm_``cc`` with NVRTC alone (no GPU or driver).
 
-    Returns (lowered_name, ptxas_log). Used by the compile gate."""
+    Returns (cubin, ptxas_log, {name_expression: lowered_name}); NVRTCError on failure,
+    with the log in ``error.log``."""
     from cupy_backends.cuda.libs import nvrtc
-    prog = nvrtc.createProgram(build_source(spec.family), f"{spec.family}.cu", [], [])
+    prog = nvrtc.createProgram(build_source(family), f"{family}.cu", [], [])
     try:
-        nvrtc.addNameExpression(prog, spec.name_expression)
+        for expr in name_expressions:
+            nvrtc.addNameExpression(prog, expr)
         opts = list(COMPILE_OPTIONS) + [f"--gpu-architecture=sm_{cc}", "-Xptxas=-v"]
         try:
             nvrtc.compileProgram(prog, opts)
         except nvrtc.NVRTCError as e:
-            raise KernelCompileError(spec, nvrtc.getProgramLog(prog), f"sm_{cc}") from e
-        return nvrtc.getLoweredName(prog, spec.name_expression), nvrtc.getProgramLog(prog)
+            e.log = nvrtc.getProgramLog(prog)
+            raise
+        lowered = {expr: nvrtc.getLoweredName(prog, expr) for expr in name_expressions}
+        return nvrtc.getCUBIN(prog), nvrtc.getProgramLog(prog), lowered
     finally:
         nvrtc.destroyProgram(prog)
+
+
+def compile_cubin(spec: KernelSpec, cc: int):
+    """Compile ``spec`` for sm_``cc`` with no GPU. Returns (lowered_name, ptxas_log);
+    used by the compile gate."""
+    from cupy_backends.cuda.libs import nvrtc
+    try:
+        _, log, lowered = nvrtc_compile(spec.family, cc, (spec.name_expression,))
+    except nvrtc.NVRTCError as e:
+        raise KernelCompileError(spec, e.log, f"sm_{cc}") from e
+    return lowered[spec.name_expression], log

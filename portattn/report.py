@@ -80,8 +80,8 @@ def format_report(dev, rows, no_gpu_reason: str = "") -> str:
 
 
 def selftest_cases():
-    """(arch, dtype, head_dim, options) run by --selftest: each plannable arch forced,
-    awkward sizes, every feature at least once."""
+    """(dtype, head_dim, options) that --selftest runs on each plannable arch: awkward
+    sizes, every feature at least once."""
     return [
         ("float16", 64, dict(sq=97, sk=130, causal=True)),
         ("bfloat16", 72, dict(sq=17, sk=200, window=(33, 5), alibi=True)),
