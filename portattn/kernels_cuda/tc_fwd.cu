@@ -11,24 +11,9 @@
 // row padding puts the 8 rows one ldmatrix reads in 8 different 16-byte bank groups.
 // One buffer each for K and V, overlapped with compute: V_j streams in during S_j, and
 // K_{j+1} during P V_j (cp.async on sm_80+, register-staged loads on sm_75).
-#include "common.cuh"
+#include "tc_common.cuh"
 
 namespace portattn {
-
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
-  unsigned a;
-  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-  return a;
-}
-
-__device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
-}
-__device__ __forceinline__ void ldsm_x4_trans(unsigned (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
-}
 
 // D += A(16x16) * B(16x8), fp32 accumulate. Ampere+: one m16n8k16.
 template <class T> struct MmaSm80;
@@ -65,134 +50,6 @@ template <> struct MmaSm75<half_t> {
         "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
         "{%0,%1,%2,%3};"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a[2]), "r"(a[3]), "r"(b1));
-  }
-};
-
-// Copy of one ROWS x D tile (16-byte chunks) from global into padded shared memory.
-// Chunks past the valid rows / head dim are zero; a chunk that straddles d, or any chunk
-// of a tensor whose rows are not 16-byte aligned, is copied element by element.
-template <class T, int ROWS, int D, int NT>
-struct TileCopy {
-  static constexpr int LD = D + 8;
-  static constexpr int kChunks = ROWS * D / 8;
-  static constexpr int kPerThread = (kChunks + NT - 1) / NT;
-
-  static __device__ __forceinline__ bool chunk_of(int c, int& r, int& d0) {
-    r = c / (D / 8);
-    d0 = (c % (D / 8)) * 8;
-    return c < kChunks;
-  }
-  static __device__ __forceinline__ void scalar_chunk(T* dst, const T* src, int n) {
-    unsigned short v[8];
-#pragma unroll
-    for (int e = 0; e < 8; ++e)
-      v[e] = e < n ? __ldg(reinterpret_cast<const unsigned short*>(src) + e) : 0;
-    *reinterpret_cast<uint4*>(dst) =
-        make_uint4(v[0] | (unsigned(v[1]) << 16), v[2] | (unsigned(v[3]) << 16),
-                   v[4] | (unsigned(v[5]) << 16), v[6] | (unsigned(v[7]) << 16));
-  }
-
-  // Ampere+: asynchronous copies, completed by cp_async_wait + __syncthreads.
-  static __device__ __forceinline__ void async(T* smem, const T* g, long long stride, int row0,
-                                               int nrows, int d, bool vec) {
-    // Not unrolled: unrolled, every chunk's 64-bit address is hoisted out of the tile
-    // loop and held in registers for the whole kernel (d128: 255 registers and spills).
-#pragma unroll 1
-    for (int i = 0; i < kPerThread; ++i) {
-      int r, d0;
-      if (!chunk_of(threadIdx.x + i * NT, r, d0)) break;
-      T* dst = smem + r * LD + d0;
-      const T* src = g + static_cast<long long>(row0 + r) * stride + d0;
-      const int n = r < nrows ? d - d0 : 0;
-      if (vec && n >= 8) {
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)),
-                     "l"(src));
-      } else if (n <= 0) {
-        *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
-      } else {
-        scalar_chunk(dst, src, n);
-      }
-    }
-    asm volatile("cp.async.commit_group;");
-  }
-  static __device__ __forceinline__ void async_wait() {
-    asm volatile("cp.async.wait_group 0;" ::: "memory");
-  }
-
-  // Turing, tiles too large to stage: each chunk loaded and stored at once, not
-  // unrolled for the same reason as async().
-  static __device__ __forceinline__ void direct(T* smem, const T* g, long long stride,
-                                                int row0, int nrows, int d, bool vec) {
-#pragma unroll 1
-    for (int i = 0; i < kPerThread; ++i) {
-      int r, d0;
-      if (!chunk_of(threadIdx.x + i * NT, r, d0)) break;
-      T* dst = smem + r * LD + d0;
-      const T* src = g + static_cast<long long>(row0 + r) * stride + d0;
-      const int n = r < nrows ? d - d0 : 0;
-      if (vec && n >= 8) {
-        *reinterpret_cast<uint4*>(dst) = __ldg(reinterpret_cast<const uint4*>(src));
-      } else if (n <= 0) {
-        *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
-      } else {
-        scalar_chunk(dst, src, n);
-      }
-    }
-  }
-
-  // Turing: the same copy staged through registers: load() issues the global loads,
-  // store() (after the compute they overlap) writes shared memory.
-  uint4 regs[kPerThread];
-  __device__ __forceinline__ void load(const T* g, long long stride, int row0, int nrows,
-                                       int d, bool vec) {
-#pragma unroll
-    for (int i = 0; i < kPerThread; ++i) {
-      int r, d0;
-      if (!chunk_of(threadIdx.x + i * NT, r, d0)) break;
-      const T* src = g + static_cast<long long>(row0 + r) * stride + d0;
-      const int n = r < nrows ? d - d0 : 0;
-      if (vec && n >= 8) {
-        regs[i] = __ldg(reinterpret_cast<const uint4*>(src));
-      } else if (n <= 0) {
-        regs[i] = make_uint4(0, 0, 0, 0);
-      } else {
-        T tmp[8];
-        scalar_chunk(tmp, src, n);
-        regs[i] = *reinterpret_cast<uint4*>(tmp);
-      }
-    }
-  }
-  __device__ __forceinline__ void store(T* smem) const {
-#pragma unroll
-    for (int i = 0; i < kPerThread; ++i) {
-      int r, d0;
-      if (!chunk_of(threadIdx.x + i * NT, r, d0)) break;
-      *reinterpret_cast<uint4*>(smem + r * LD + d0) = regs[i];
-    }
-  }
-};
-
-// Two P values in the MMA input type, one register. ptxas turns the fp16 form into one
-// packed convert on every arch; bf16's hand rounding (common.cuh, for pre-sm_80 targets)
-// costs ~8 integer ops and a branch per element, so sm_80+ uses its packed convert.
-template <class T, int ARCH>
-struct Pack2 {
-  static __device__ __forceinline__ unsigned run(float lo, float hi) {
-    return static_cast<unsigned>(from_float<T>(lo).bits) |
-           (static_cast<unsigned>(from_float<T>(hi).bits) << 16);
-  }
-};
-template <int ARCH>
-struct Pack2<bf16_t, ARCH> {
-  static __device__ __forceinline__ unsigned run(float lo, float hi) {
-    if constexpr (ARCH >= 80) {
-      unsigned r;
-      asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-      return r;
-    } else {
-      return static_cast<unsigned>(from_float<bf16_t>(lo).bits) |
-             (static_cast<unsigned>(from_float<bf16_t>(hi).bits) << 16);
-    }
   }
 };
 
