@@ -263,6 +263,8 @@ def _expected_path(facts, dtype):
         return "sm80"
     if facts.mma >= MMA_M16N8K8 and dtype == "float16":
         return "sm75"
+    if facts.mma == MMA_M8N8K4 and dtype == "float16":
+        return "sm70"
     return "simt"
 
 
@@ -277,8 +279,6 @@ def _expected_rejection_words(facts, dtype, path, chosen):
         return "bfloat16"
     if path == "sm70" and facts.mma > MMA_M8N8K4:
         return "emulated"
-    if path == "sm70":
-        return "not implemented"
     return f"lower preference than {chosen}"
 
 
@@ -296,6 +296,15 @@ def check_plan(cc, dtype, head_dim):
         assert s.family == "simt_fwd" and s.mma == 0
         assert plan.smem_bytes == _smem(s.head_dim, s.block_m, s.block_n)
         assert _fits_registers(s.head_dim, s.block_m, s.block_n, s.threads, s.tx)
+    elif want == "sm70":
+        assert s.family == "tc70_fwd" and s.mma == 70 and s.tx == 0
+        # Q, K, V tiles in fp16, rows padded by 8; each warp owns 32 query rows, shared by
+        # WD = 1 or 2 warps that split O's head dim into multiples of 16.
+        wd = plan_mod.tc70_split(s.block_m, s.threads)
+        assert wd in (1, 2) and (s.head_dim // wd) % 16 == 0
+        assert plan.smem_bytes == 2 * (s.block_m + 2 * s.block_n) * (s.head_dim + 8)
+        assert (plan_mod.tc70_est_regs(s.block_m, s.block_n, s.threads, s.head_dim)
+                <= plan_mod.TC70_MAX_EST_REGS)
     else:
         assert s.family == "tc_fwd" and s.mma == int(want[2:]) and s.tx == 0
         # Q, K, V tiles in the 2-byte input type, rows padded by 8 elements; Turing keeps
@@ -476,15 +485,17 @@ def test_chosen_tensor_core_tile_maximises_model(cc, mma):
         scored = []
         for bm, bn, threads in plan_mod.TC_TILES:
             mb = bm // (16 * (threads // 32))
-            staged = (bn * d // 8 + threads - 1) // threads
+            chunks = (bn * d // 8 + threads - 1) // threads
             q_regs = mma < 80 and mb * d // 4 <= 32
-            est = (mb * (d // 2 + 3 * bn // 4) + (4 * staged if mma < 80 and staged <= 4 else 0)
+            staged = mma < 80 and chunks <= 4
+            est = (mb * (d // 2 + 3 * bn // 4) + (4 * chunks if staged else 0)
                    + (mb * d // 4 if q_regs else 0))
             smem = 2 * (max(bm, 2 * bn) if q_regs else bm + 2 * bn) * (d + 8)
             if mb < 1 or est > plan_mod.TC_MAX_EST_REGS[mma] or smem > dev.smem_per_block:
                 continue
+            ctas = _ctas(f, dev.smem_per_sm, threads, smem)
             ldsm = (d // 16) * ((0 if q_regs else mb) + bn // 16) + (bn // 16) * (d // 16)
-            warps = _ctas(f, dev.smem_per_sm, threads, smem) * threads // 32
+            warps = ctas * threads // 32
             scored.append(((mb * bn * d // 64) / ldsm * min(warps, 8), (bm, bn, threads)))
         best = max(score for score, _ in scored)
         want = next(tile for score, tile in scored if score == best)
@@ -607,8 +618,9 @@ def test_only_restricts_the_choice_and_says_why():
         select_plan(dev, Problem("bfloat16", 64), only="sm75")
     with pytest.raises(ValueError, match="sm70: mma.m8n8k4 is emulated"):
         select_plan(dev, Problem("float16", 64), only="sm70")
-    with pytest.raises(ValueError, match="sm70: not implemented"):
-        select_plan(device_from_arch(70), Problem("float16", 64), only="sm70")
+    assert select_plan(device_from_arch(70), Problem("float16", 64), only="sm70").path == "sm70"
+    with pytest.raises(ValueError, match="sm70: .*bfloat16"):
+        select_plan(device_from_arch(70), Problem("bfloat16", 64), only="sm70")
     with pytest.raises(ValueError, match="path must be one of"):
         select_plan(dev, Problem("float16", 64), only="tensorcores")
 
@@ -622,3 +634,22 @@ def test_forced_path_env(monkeypatch):
     monkeypatch.setenv("PORTATTN_PATH", "fast")
     with pytest.raises(ValueError, match="PORTATTN_PATH must be one of"):
         forced_path()
+
+
+@pytest.mark.parametrize("cc", [70, 72])
+def test_volta_fp16_runs_m8n8k4_with_resident_warps(cc):
+    dev = device_from_arch(cc)
+    for d in range(32, 257, 32):
+        plan = select_plan(dev, Problem("float16", d, causal=True))
+        s = plan.spec
+        assert plan.path == "sm70" and s.family == "tc70_fwd" and s.mma == 70
+        assert s.name_expression.endswith(f"{s.threads}, 70>")
+        assert "useful MMAs per shared load" in plan.reason
+        assert f"{s.block_m}x{s.block_n} tile" in plan.reason
+        # >= 2 CTAs or >= 8 warps per SM wherever a second CTA's tiles fit in 96 KB.
+        if 2 * plan.smem_bytes <= dev.smem_per_sm:
+            assert plan.ctas_per_sm >= 2 or plan.warps_per_sm >= 8, (d, plan.describe())
+    for dtype in ("bfloat16", "float32"):
+        plan = select_plan(dev, Problem(dtype, 64))
+        assert plan.path == "simt"
+        assert "mma.m8n8k4" in dict(plan.rejected)["sm70"] or dtype in dict(plan.rejected)["sm70"]

@@ -137,20 +137,45 @@ def test_every_arch_forced(arch, dtype):
                   seed=arch or 0))
 
 
-@pytest.mark.parametrize("path", ["simt", "sm75", "sm80"])
+@pytest.mark.parametrize("path", ["simt", "sm75", "sm80", "sm70"])
 def test_each_path_forced_on_this_gpu(path):
     # PORTATTN_PATH runs a path this GPU would not pick by itself (e.g. SIMT for fp16 on
-    # sm_80+), with this GPU's own limits; a path the GPU cannot run raises instead.
+    # sm_80+), with this GPU's own limits; a path the GPU cannot run raises instead. sm70
+    # is planned as sm_70 (PORTATTN_ARCH): natively sm_75+ rejects m8n8k4 as emulated.
     import cupy
     cc = int(cupy.cuda.Device().compute_capability)
-    need = {"simt": 50, "sm75": 75, "sm80": 80}[path]
+    need = {"simt": 50, "sm75": 75, "sm80": 80, "sm70": 70}[path]
     if cc < need:
         pytest.skip(f"{path} needs sm_{need}+")
-    with forced_path(path):
+    with forced_path(path), forced_arch(70 if path == "sm70" else None):
         run_case(Case(dtype="float16", sq=130, sk=97, d=72, hkv=2, group=2, causal=True,
-                      softcap=20.0, seed=need))
+                      softcap=20.0, seed=need, arch=70 if path == "sm70" else None))
         q = cupy.zeros((1, 8, 1, 64), dtype=cupy.float16)
         assert portattn.explain(q, q, q).plan.path == path
+
+
+@pytest.mark.parametrize("case", [
+    Case(sq=1, sk=1, d=1),
+    Case(sq=17, sk=97, d=40, causal=True, hkv=2, group=3),
+    Case(sq=97, sk=17, d=72, causal=True, align="top_left", kind="cupy"),
+    Case(sq=130, sk=97, d=96, window=(33, 5), alibi="batch_heads", batch=2),
+    Case(sq=1025, sk=1025, d=128, causal=True, softcap=30.0),
+    Case(sq=97, sk=1025, d=160, hkv=2, group=2, bias="full:bool"),
+    Case(sq=200, sk=300, d=190, window=(0, 1), bias="per_head_rows:float", q_scale=3.0),
+    Case(sq=65, sk=129, d=224, causal=True, alibi="heads"),
+    Case(sq=300, sk=257, d=256, softcap=5.0, bias="sq_sk:float", batch=2),
+])
+def test_volta_m8n8k4_path_forced(case):
+    # Volta's m8n8k4 path runs on any newer GPU (ptxas emulates the instruction there) when
+    # planned as sm_70: every feature and head-dim bucket, with PORTATTN_PATH pinning it.
+    import cupy
+    if int(cupy.cuda.Device().compute_capability) < 70:
+        pytest.skip("mma.m8n8k4 needs sm_70+")
+    with forced_path("sm70"):
+        run_case(Case(**{**case.__dict__, "arch": 70, "seed": case.d}))
+        with forced_arch(70):
+            q = cupy.zeros((1, 8, 1, case.d), dtype=cupy.float16)
+            assert portattn.explain(q, q, q).plan.path == "sm70"
 
 
 def _torch():
@@ -231,13 +256,16 @@ def test_cupy_and_cuda_array_interface_inputs():
     assert bool(cupy.all(out == out2))
 
 
-def test_autograd_is_refused_not_ignored():
+def test_autograd_backward_runs_not_ignored():
     torch = _torch()
     q = torch.randn(1, 8, 1, 32, device="cuda", dtype=torch.float16, requires_grad=True)
-    with pytest.raises(NotImplementedError, match="no_grad"):
-        portattn.flash_attn_func(q, q, q)
+    out = portattn.flash_attn_func(q, q, q)
+    assert out.requires_grad
+    out.float().pow(2).sum().backward()
+    assert q.grad is not None and q.grad.shape == q.shape and torch.isfinite(q.grad).all()
+    assert q.grad.abs().sum() > 0
     with torch.no_grad():
-        portattn.flash_attn_func(q, q, q)
+        assert not portattn.flash_attn_func(q, q, q).requires_grad
 
 
 def test_explain_names_the_plan_that_runs():

@@ -1,7 +1,9 @@
 """Time every tile candidate of a kernel family on this GPU for a few shapes, to check
 the plan's tile model against measurement. Needs torch and a GPU.
 
-    PYTHONPATH=. python tools/tile_sweep.py [simt|tc]
+    PYTHONPATH=. python tools/tile_sweep.py [simt|tc|tc75]
+
+tc75 plans as sm_75 (PORTATTN_ARCH) and times the Turing policy's tiles.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from portattn import api  # noqa: E402
 from portattn.arch.plan import (SIMT_TILES, TC_MAX_EST_REGS, TC_TILES,  # noqa: E402
                                 simt_tile_candidates, tc_est_regs)
 from portattn.bench import measure_peaks, time_ms  # noqa: E402
+from portattn.testing import forced_arch  # noqa: E402
 from portattn.spec import KernelSpec, head_dim_bucket  # noqa: E402
 
 SIMT_EXTRA = ((64, 64, 256, 8),)
@@ -30,7 +33,7 @@ def tiles_for(family, dtype, dpad, mma):
         for t in SIMT_TILES + SIMT_EXTRA:
             yield t, KernelSpec("simt_fwd", dtype, dpad, *t), t in allowed
     else:
-        for t in TC_TILES + TC_EXTRA:
+        for t in TC_TILES + (TC_EXTRA if mma >= 80 else ()):
             ok = t in TC_TILES and tc_est_regs(*t, dpad, mma) <= TC_MAX_EST_REGS[mma]
             yield t, KernelSpec("tc_fwd", dtype, dpad, *t, mma=mma), ok
 
@@ -68,11 +71,18 @@ if __name__ == "__main__":
         peak = peaks["fma_fp32"]
         shapes = (("float16", 64, 4096, False), ("float16", 128, 4096, False),
                   ("float32", 128, 4096, True), ("float16", 256, 2048, False))
+    elif family == "tc75":
+        peak = peaks.get("mma_m16n8k8", peaks["fma_fp32"])
+        shapes = (("float16", 64, 4096, False), ("float16", 128, 4096, False),
+                  ("float16", 160, 4096, False), ("float16", 256, 2048, False))
     else:
         peak = peaks.get("mma_m16n8k16", peaks["fma_fp32"])
-        shapes = (("float16", 64, 4096, False), ("float16", 128, 4096, False),
-                  ("bfloat16", 128, 4096, True), ("float16", 256, 2048, False))
+        shapes = (("float16", 64, 4096, False), ("float16", 96, 4096, False),
+                  ("float16", 128, 4096, False), ("bfloat16", 128, 4096, True),
+                  ("float16", 160, 4096, False), ("float16", 256, 2048, False))
     print(f"{family}: peak used {peak:.1f} TFLOP/s; * = the plan's tile, x = outside the "
           f"register budget (not selectable)")
-    for dtype, d, seqlen, causal in shapes:
-        sweep(family, dtype, d, seqlen, causal, peak)
+    mma = 75 if family == "tc75" else 80
+    with forced_arch(75 if family == "tc75" else None):
+        for dtype, d, seqlen, causal in shapes:
+            sweep(family, dtype, d, seqlen, causal, peak, mma)

@@ -66,7 +66,7 @@ class _Path:
 PATHS = (
     _Path("sm80", MMA_M16N8K16, ("float16", "bfloat16"), True, True, implemented=True),
     _Path("sm75", MMA_M16N8K8, ("float16",), True, implemented=True),
-    _Path("sm70", MMA_M8N8K4, ("float16",)),
+    _Path("sm70", MMA_M8N8K4, ("float16",), implemented=True),
     _Path("simt", 0, DTYPES, implemented=True),
 )
 PATH_NAMES = tuple(p.name for p in PATHS)
@@ -179,25 +179,34 @@ TC_TILES = (
 )
 # Estimated live accumulator/fragment registers per thread: MB * (O: d/2 + S and P:
 # 3*block_n/4), plus Turing's register-staged tile. ptxas (NVRTC 12.9) lands at about
-# est + 45..90. Per MMA policy: sm80 compiles est 176 to 221-240 registers with no spills
-# (and those tiles measured 12-29% faster on an H100); est 192+ spilled. Turing's
+# est + 30..90. Per MMA policy: sm80 compiles est 224 (d128 128x64) to 255 registers
+# with no spills once the copies stopped pinning 64-bit addresses (tc_common.cuh), and
+# that tile measured 15% faster than 128x32 on an H100 (300 vs 261 TFLOP/s). Turing's
 # staging, split MMAs and register-held Q cost more: est 160 spilled on sm_75, 152 not.
-TC_MAX_EST_REGS = {80: 176, 75: 152}
+TC_MAX_EST_REGS = {80: 224, 75: 152}
 
 
 def tc_rows_per_warp(bm: int, threads: int) -> int:
     return bm // (16 * (threads // 32))
 
 
+def tc_stage_chunks(bn: int, threads: int, d: int) -> int:
+    """16-byte chunks of one K/V tile per thread."""
+    return -(-(bn * d // 8) // threads)
+
+
+def tc_staged(bn: int, threads: int, d: int, mma: int) -> bool:
+    """Turing prefetches K/V tiles through registers (tc_fwd.cu's kStage rule)."""
+    return mma < 80 and tc_stage_chunks(bn, threads, d) <= 4
+
+
 def tc_est_regs(bm: int, bn: int, threads: int, d: int, mma: int) -> int:
     mb = tc_rows_per_warp(bm, threads)
     est = mb * (d // 2 + 3 * bn // 4)
-    if mma < 80:
-        per_thread = -(-(bn * d // 8) // threads)
-        if per_thread <= 4:                   # the kernel's kStage rule
-            est += 4 * per_thread
-        if tc_q_in_registers(bm, threads, d, mma):
-            est += mb * d // 4
+    if tc_staged(bn, threads, d, mma):
+        est += 4 * tc_stage_chunks(bn, threads, d)
+    if tc_q_in_registers(bm, threads, d, mma):
+        est += mb * d // 4
     return est
 
 
@@ -239,7 +248,91 @@ def _plan_tc(device: DeviceInfo, problem: Problem, mma: int):
                   f"(target {TARGET_WARPS_PER_SM} warps) in {lim}")
 
 
+# Volta tiles (block_m, block_n, threads), best first. m8n8k4 gives each warp 32 query rows
+# (8 per quad pair); WD = threads / 32 / (block_m / 32) warps share a row group, each with
+# head_dim / WD of O (tc70_fwd.cu), since 32 rows x d fp32 of O exceed the registers past d128.
+TC70_TILES = (
+    (128, 64, 128),
+    (128, 32, 128),
+    (64, 32, 64),
+    (64, 64, 128),
+    (64, 32, 128),
+    (32, 64, 64),
+    (32, 32, 64),
+)
+# Estimated live registers per thread: O (d / WD) + 2 x S (block_n; S's operands and the
+# packed P overlap it) + 2 x the register-staged K/V tile (both halves live across a
+# product). NVRTC 12.9, sm_70: est 144-192 compiled to 192-252 registers with no spills;
+# d64 128x64 (est 224) and d224 64x64 (240) spilled, and so did d32 64x64 with 64 threads
+# (est 192: its 4 staged chunks per thread), which is why that tile is not in the table.
+TC70_MAX_EST_REGS = 192
+
+
+def tc70_split(bm: int, threads: int) -> int:
+    """Warps sharing one 32-row group (WD in tc70_fwd.cu); 0 if the shape is invalid."""
+    rw = bm // 32
+    nw = threads // 32
+    return nw // rw if rw and rw * 32 == bm and nw % rw == 0 else 0
+
+
+def tc70_est_regs(bm: int, bn: int, threads: int, d: int) -> int:
+    wd = tc70_split(bm, threads)
+    per_thread = -(-(bn * d // 8) // threads)
+    return d // wd + 2 * bn + (8 * per_thread if per_thread <= 4 else 0)
+
+
+def tc70_mma_per_lds(bm: int, bn: int, threads: int, d: int) -> float:
+    """Useful m8n8k4 per 16-byte shared load per warp and K/V tile: S takes one Q and
+    block_n/8 K loads per two k4 steps, P V one V load per two MMAs; a warp sharing its
+    rows (WD = 2) repeats S, so only 2 / (WD + 1) of its MMAs are useful."""
+    wd = tc70_split(bm, threads)
+    dw = d // wd
+    mma = bn * d // 32 + bn * dw // 32
+    lds = (d // 8) * (1 + bn // 8) + (bn // 4) * (dw // 16)
+    return mma / lds * 2 / (wd + 1)
+
+
+# Resident warps beyond which m8n8k4 tiles gain nothing more. Measured on an H100 planned as
+# sm_70 (emulated m8n8k4, so only ratios mean anything), timing each candidate: at d128,
+# 64x32/2 warps x 2 CTAs (one warp per row group) ran 1.4x faster than 64x32/4 warps x 2
+# CTAs sharing rows (WD = 2); at d64, 128x32/4 warps beat 64x32/2 warps by 6%.
+TC70_TARGET_WARPS = 4
+
+
+def _plan_tc70(device: DeviceInfo, problem: Problem):
+    """Pick the tile maximising useful MMAs per shared load x min(resident warps, 4) / 4
+    among those within the register estimate and the shared-memory limit; on a tie, the
+    taller tile (K/V read from global once per more query rows), then more resident CTAs."""
+    d = head_dim_bucket(problem.head_dim)
+    lim = f"{device.smem_per_block // 1024} KB/block, {device.smem_per_sm // 1024} KB/SM"
+    best, best_score = None, (-1.0, 0, 0)
+    for bm, bn, threads in TC70_TILES:
+        wd = tc70_split(bm, threads)
+        if (wd not in (1, 2) or (d // wd) % 16
+                or tc70_est_regs(bm, bn, threads, d) > TC70_MAX_EST_REGS):
+            continue
+        spec = KernelSpec("tc70_fwd", problem.dtype, d, bm, bn, threads, mma=70)
+        smem = spec.smem_bytes
+        if smem > device.smem_per_block:
+            continue
+        ctas = ctas_per_sm(device, threads, smem)
+        score = (tc70_mma_per_lds(bm, bn, threads, d) * min(ctas * threads // 32,
+                                                            TC70_TARGET_WARPS), bm, ctas)
+        if score > best_score:
+            best, best_score = (spec, smem, ctas), score
+    if best is None:
+        return None, f"no m8n8k4 tile for head dim {d} fits {lim}"
+    spec, smem, ctas = best
+    wd = tc70_split(spec.block_m, spec.threads)
+    ratio = tc70_mma_per_lds(spec.block_m, spec.block_n, spec.threads, d)
+    share = f", {wd} warps per 32 rows" if wd > 1 else ""
+    return best, (f"{spec.block_m}x{spec.block_n} tile{share}: best of {ratio:.2f} useful MMAs "
+                  f"per shared load x {ctas} CTA(s) of {spec.threads // 32} warps resident "
+                  f"(target {TC70_TARGET_WARPS} warps) in {lim}")
+
+
 _PLANNERS = {"simt": _plan_simt,
+             "sm70": _plan_tc70,
              "sm80": lambda device, problem: _plan_tc(device, problem, 80),
              "sm75": lambda device, problem: _plan_tc(device, problem, 75)}
 

@@ -12,13 +12,16 @@ __device__ __forceinline__ unsigned smem_addr(const void* p) {
   return a;
 }
 
-__device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], const void* p) {
+// ldmatrix from a 32-bit shared-memory address. Kernels convert a per-lane base once and
+// add compile-time byte offsets, which ptxas folds into the instruction; converting a
+// generic pointer per load cost three integer ops and a register per load on sm_80/90.
+__device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], unsigned addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
 }
-__device__ __forceinline__ void ldsm_x4_trans(unsigned (&r)[4], const void* p) {
+__device__ __forceinline__ void ldsm_x4_trans(unsigned (&r)[4], unsigned addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
 }
 
 // Copy of one ROWS x D tile (16-byte chunks) from global into padded shared memory.
@@ -30,6 +33,15 @@ struct TileCopy {
   static constexpr int kChunks = ROWS * D / 8;
   static constexpr int kPerThread = (kChunks + NT - 1) / NT;
 
+  // The thread index, re-read on every call (a volatile read is never hoisted): with
+  // threadIdx.x the compiler hoisted each thread's 64-bit per-chunk K and V offsets out
+  // of the tile loop and held them in registers for the whole kernel (sm_80 d128 128x64
+  // spilled them; Turing's staged copies pinned up to 16 registers).
+  static __device__ __forceinline__ int tid() {
+    unsigned t;
+    asm volatile("mov.u32 %0, %%tid.x;" : "=r"(t));
+    return static_cast<int>(t);
+  }
   static __device__ __forceinline__ bool chunk_of(int c, int& r, int& d0) {
     r = c / (D / 8);
     d0 = (c % (D / 8)) * 8;
@@ -48,6 +60,10 @@ struct TileCopy {
   // Ampere+: asynchronous copies, completed by cp_async_wait + __syncthreads.
   static __device__ __forceinline__ void async(T* smem, const T* g, long long stride, int row0,
                                                int nrows, int d, bool vec) {
+    if (kRowsPerPass > 0 && vec && nrows >= ROWS && d == D) {
+      async_full(smem, g, stride, row0);
+      return;
+    }
     // Not unrolled: unrolled, every chunk's 64-bit address is hoisted out of the tile
     // loop and held in registers for the whole kernel (d128: 255 registers and spills).
 #pragma unroll 1
@@ -65,6 +81,25 @@ struct TileCopy {
       } else {
         scalar_chunk(dst, src, n);
       }
+    }
+    asm volatile("cp.async.commit_group;");
+  }
+  // Every chunk of the tile in bounds and aligned (all tiles but the last of a sequence,
+  // when d is a multiple of 32): each thread walks one column of chunks with a pointer and
+  // an address increment, with none of the general loop's per-chunk index arithmetic and
+  // bounds tests (about 25 integer instructions per chunk there, 4 here).
+  static constexpr int kRowsPerPass = NT % (D / 8) == 0 ? NT / (D / 8) : 0;
+  static __device__ __forceinline__ void async_full(T* smem, const T* g, long long stride,
+                                                    int row0) {
+    const int t = tid(), r = t / (D / 8), d0 = (t % (D / 8)) * 8;
+    const T* src = g + static_cast<long long>(row0 + r) * stride + d0;
+    unsigned dst = smem_addr(smem + r * LD + d0);
+    const long long step = kRowsPerPass * stride;
+#pragma unroll 1
+    for (int rr = r; rr < ROWS; rr += kRowsPerPass) {
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src));
+      src += step;
+      dst += kRowsPerPass * LD * sizeof(T);
     }
     asm volatile("cp.async.commit_group;");
   }
@@ -98,10 +133,11 @@ struct TileCopy {
   uint4 regs[kPerThread];
   __device__ __forceinline__ void load(const T* g, long long stride, int row0, int nrows,
                                        int d, bool vec) {
+    const int t = tid();
 #pragma unroll
     for (int i = 0; i < kPerThread; ++i) {
       int r, d0;
-      if (!chunk_of(threadIdx.x + i * NT, r, d0)) break;
+      if (!chunk_of(t + i * NT, r, d0)) break;
       const T* src = g + static_cast<long long>(row0 + r) * stride + d0;
       const int n = r < nrows ? d - d0 : 0;
       if (vec && n >= 8) {
@@ -116,10 +152,11 @@ struct TileCopy {
     }
   }
   __device__ __forceinline__ void store(T* smem) const {
+    const int t = tid();
 #pragma unroll
     for (int i = 0; i < kPerThread; ++i) {
       int r, d0;
-      if (!chunk_of(threadIdx.x + i * NT, r, d0)) break;
+      if (!chunk_of(t + i * NT, r, d0)) break;
       *reinterpret_cast<uint4*>(smem + r * LD + d0) = regs[i];
     }
   }

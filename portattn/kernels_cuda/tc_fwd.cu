@@ -62,15 +62,17 @@ __global__ void __launch_bounds__(NT, 1) tc_fwd_kernel(
   constexpr int DTL = D / 8;           // n8 tiles of O
   constexpr int LD = D + 8;
   constexpr bool kAsync = ARCH >= 80;
-  // Turing stages the next tile in registers only while that costs <= 16 registers;
-  // beyond (d >= 192) the staging spills, so copies go straight to shared memory.
-  constexpr bool kStage = !kAsync && TileCopy<T, BN, D, NT>::kPerThread <= 4;
   // Turing has 64 KB of shared memory per SM: where Q's fragments fit in 32 registers it
   // is held there for the whole kernel and its shared-memory slot becomes K/V's, which
   // triples resident CTAs at d128 (spec.py's tc_q_in_registers must agree).
   constexpr bool kQRegs = !kAsync && MB * D / 4 <= 32;
+  // Turing stages the next tile in registers only while that costs <= 16 registers;
+  // beyond (d >= 192) the staging spills, so copies go straight to shared memory
+  // (plan.tc_staged agrees).
+  constexpr bool kStage = !kAsync && TileCopy<T, BN, D, NT>::kPerThread <= 4;
   static_assert(MB * 16 * NW == BM && BN % 16 == 0 && D % 16 == 0, "tile shape");
   using Mma = typename conditional<ARCH >= 80, MmaSm80<T>, MmaSm75<T>>::type;
+  constexpr float kRescaleSlack = 8.f;
   using QCopy = TileCopy<T, BM, D, NT>;
   using KVCopy = TileCopy<T, BN, D, NT>;
 
@@ -84,6 +86,16 @@ __global__ void __launch_bounds__(NT, 1) tc_fwd_kernel(
   const CtaTile t(BM, sq, hq, group);
   const int b = t.b, h = t.h, hk = t.hk, m0 = t.m0, rows_valid = t.rows_valid;
   const int wrow0 = warp * MB * 16;     // this warp's first row inside the tile
+  // Per-lane ldmatrix bases (byte addresses); loads below add compile-time offsets.
+  // Q (A operand): lane l addresses row l%16, column half l/16, so matrices 0-3 are the
+  // A fragment's (rows 0-7 | 8-15) x (k 0-7 | 8-15). K and V: row l%8 + 8*(l/16), column
+  // half (l/8)%2: matrices (keys 0-7, cols 0-7), (0-7, 8-15), (8-15, 0-7), (8-15, 8-15).
+  // V uses K's pattern at a constant offset, so one register holds both bases.
+  constexpr unsigned kRowBytes = LD * sizeof(T);
+  const unsigned q_lane = smem_addr(Qs + (wrow0 + (lane & 15)) * LD + (lane >> 4) * 8);
+  const unsigned k_lane = smem_addr(Ks + ((lane >> 4) * 8 + (lane & 7)) * LD +
+                                    ((lane >> 3) & 1) * 8);
+  constexpr unsigned kVOffset = BN * LD * sizeof(T);  // Vs - Ks
   const CtaScores cs(t, bias, bias_kind, bias_sb, bias_sh, bias_sq, bias_sk, alibi, alibi_sb,
                      alibi_sh, softcap_log2, win_left, win_right, diag_off, sq, sk);
   const ScoreMods& mods = cs.mods;
@@ -97,7 +109,7 @@ __global__ void __launch_bounds__(NT, 1) tc_fwd_kernel(
   const T* vbase = v + b * v_sb + hk * v_sh;
   const bool vq = vec_flags & 1, vk = vec_flags & 2, vv = vec_flags & 4;
 
-  KVCopy kstage, vstage;  // Turing's register staging (elided where kStage is false)
+  KVCopy kstage, vstage;  // Turing's register staging (elided where unused)
   if constexpr (kAsync) {
     QCopy::async(Qs, qbase, q_ss, m0, rows_valid, d, vq);
     if (n_first < n_hi) KVCopy::async(Ks, kbase, k_ss, n_first, min(BN, sk - n_first), d, vk);
@@ -111,8 +123,7 @@ __global__ void __launch_bounds__(NT, 1) tc_fwd_kernel(
     for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
       for (int kd = 0; kd < D / 16; ++kd)
-        ldsm_x4(qreg[mb][kd],
-                Qs + (wrow0 + mb * 16 + (lane & 15)) * LD + kd * 16 + (lane >> 4) * 8);
+        ldsm_x4(qreg[mb][kd], q_lane + mb * 16 * kRowBytes + kd * 16 * sizeof(T));
     __syncthreads();  // every warp holds its Q before K overwrites the slot
   }
   if constexpr (!kAsync) {
@@ -162,14 +173,13 @@ __global__ void __launch_bounds__(NT, 1) tc_fwd_kernel(
 #pragma unroll
           for (int r = 0; r < 4; ++r) qa[mb][r] = qreg[mb][kd][r];
         } else {
-          ldsm_x4(qa[mb], Qs + (wrow0 + mb * 16 + (lane & 15)) * LD + kd * 16 + (lane >> 4) * 8);
+          ldsm_x4(qa[mb], q_lane + mb * 16 * kRowBytes + kd * 16 * sizeof(T));
         }
       }
 #pragma unroll
       for (int np = 0; np < NTL / 2; ++np) {
         unsigned kb[4];
-        ldsm_x4(kb, Ks + (np * 16 + (lane >> 4) * 8 + (lane & 7)) * LD + kd * 16 +
-                        ((lane >> 3) & 1) * 8);
+        ldsm_x4(kb, k_lane + np * 16 * kRowBytes + kd * 16 * sizeof(T));
 #pragma unroll
         for (int mb = 0; mb < MB; ++mb) {
           Mma::k16(s[mb][2 * np], qa[mb], kb[0], kb[1]);
@@ -201,20 +211,48 @@ __global__ void __launch_bounds__(NT, 1) tc_fwd_kernel(
           }
     }
 
+    // The running row max m_i only moves, with the O and l rescale that costs, when some
+    // row of the warp grew by more than kRescaleSlack (log2 units): otherwise
+    // P = exp2(s - m_i) <= 2^kRescaleSlack, which fp16/bf16 P and the fp32 sums hold as
+    // well, and out = O / l and lse = m + log2(l) are unchanged. Skips MB*D/2 FMULs and
+    // 2*MB exp2 per lane on most tiles; the rare rescale recomputes the maxima rather
+    // than keeping them live (at d128 128x64 those registers spilled).
+    auto row_max = [&](int mb, int hh) {
+      float v = neg_inf();
+#pragma unroll
+      for (int t = 0; t < NTL; ++t) v = fmaxf(v, fmaxf(s[mb][t][2 * hh], s[mb][t][2 * hh + 1]));
+      v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+      return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2)) * sc;
+    };
+    bool grow = false;
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) grow |= row_max(mb, hh) > m_i[mb][hh] + kRescaleSlack;
+    if (__any_sync(0xffffffffu, grow)) {
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const float m_new = fmaxf(m_i[mb][hh], row_max(mb, hh));
+          // Rows with no visible key yet keep m = -inf; 0 keeps exp2 at 0, not NaN.
+          const float corr = fast_exp2(m_i[mb][hh] - (m_new == neg_inf() ? 0.f : m_new));
+          l_i[mb][hh] *= corr;
+          m_i[mb][hh] = m_new;
+#pragma unroll
+          for (int t = 0; t < DTL; ++t) {
+            acc[mb][t][2 * hh] *= corr;
+            acc[mb][t][2 * hh + 1] *= corr;
+          }
+        }
+    }
+
     unsigned pa[MB][BN / 16][4];
 #pragma unroll
     for (int mb = 0; mb < MB; ++mb) {
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
-        float mx = neg_inf();
-#pragma unroll
-        for (int t = 0; t < NTL; ++t) mx = fmaxf(mx, fmaxf(s[mb][t][2 * hh], s[mb][t][2 * hh + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(m_i[mb][hh], mx * sc);
-        // Rows with no visible key yet keep m = -inf; 0 keeps exp2 at 0, not NaN.
-        const float base = m_new == neg_inf() ? 0.f : m_new;
-        const float corr = fast_exp2(m_i[mb][hh] - base);
+        const float base = m_i[mb][hh] == neg_inf() ? 0.f : m_i[mb][hh];
         float sum = 0.f;
 #pragma unroll
         for (int t = 0; t < NTL; ++t)
@@ -224,13 +262,7 @@ __global__ void __launch_bounds__(NT, 1) tc_fwd_kernel(
             s[mb][t][2 * hh + e] = p;
             sum += p;
           }
-        l_i[mb][hh] = l_i[mb][hh] * corr + sum;
-        m_i[mb][hh] = m_new;
-#pragma unroll
-        for (int t = 0; t < DTL; ++t) {
-          acc[mb][t][2 * hh] *= corr;
-          acc[mb][t][2 * hh + 1] *= corr;
-        }
+        l_i[mb][hh] += sum;
       }
 #pragma unroll
       for (int kn = 0; kn < BN / 16; ++kn) {
@@ -263,12 +295,11 @@ __global__ void __launch_bounds__(NT, 1) tc_fwd_kernel(
 #pragma unroll
       for (int dp = 0; dp < D / 16; ++dp) {
         unsigned vb[4];
-        ldsm_x4_trans(vb, Vs + (kn * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * LD + dp * 16 +
-                              (lane >> 4) * 8);
+        ldsm_x4_trans(vb, k_lane + kVOffset + kn * 16 * kRowBytes + dp * 16 * sizeof(T));
 #pragma unroll
         for (int mb = 0; mb < MB; ++mb) {
-          Mma::k16(acc[mb][2 * dp], pa[mb][kn], vb[0], vb[1]);
-          Mma::k16(acc[mb][2 * dp + 1], pa[mb][kn], vb[2], vb[3]);
+          Mma::k16(acc[mb][2 * dp], pa[mb][kn], vb[0], vb[2]);
+          Mma::k16(acc[mb][2 * dp + 1], pa[mb][kn], vb[1], vb[3]);
         }
       }
     }
