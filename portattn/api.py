@@ -23,6 +23,7 @@ class Explanation:
     device: DeviceInfo
     problem: Problem
     plan: Plan
+    backward: object = None      # the BwdPlan loss.backward() would run, when grad is needed
 
     def __str__(self) -> str:
         p = self.problem
@@ -32,7 +33,8 @@ class Explanation:
                 f"problem: {p.dtype}, batch {p.batch}, seqlen_q {p.seqlen_q}, seqlen_k "
                 f"{p.seqlen_k}, heads {p.nheads_q}/{p.nheads_kv}, head dim {p.head_dim}"
                 f"{', ' + ', '.join(feats) if feats else ''}")
-        return head + "\n" + self.plan.describe()
+        tail = "\n" + self.backward.describe() if self.backward is not None else ""
+        return head + "\n" + self.plan.describe() + tail
 
 
 @dataclass
@@ -219,16 +221,6 @@ def _launch(p: _Prepared, with_lse: bool):
     return out, lse
 
 
-def _refuse_autograd(p: _Prepared) -> None:
-    if p.q.kind != "torch":
-        return
-    import torch
-    if torch.is_grad_enabled() and any(x.obj.requires_grad for x in (p.q, p.k, p.v)):
-        raise NotImplementedError(
-            "portattn has no backward pass yet: call under torch.no_grad() (or detach the "
-            "inputs) for inference")
-
-
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
                     return_attn_probs=False, *, bias=None, return_lse=False,
@@ -246,12 +238,21 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
     attend, broadcastable to (batch, nheads, seqlen_q, seqlen_k)); ``return_lse`` returns
     (out, lse) with lse (batch, nheads, seqlen_q) float32, natural log, -inf for fully
     masked rows; ``causal_align``.
+
+    torch tensors that require grad go through a torch.autograd.Function: loss.backward()
+    fills q.grad, k.grad and v.grad (SIMT backward kernels; ``deterministic=True`` makes
+    the gradients bit-identical across runs). For CuPy arrays see
+    ``portattn.flash_attn_backward``.
     """
     p = _prepare(q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
                  window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
                  deterministic=deterministic, return_attn_probs=return_attn_probs, bias=bias,
                  causal_align=causal_align)
-    _refuse_autograd(p)
+    from .backward import autograd_forward, needs_autograd
+    if needs_autograd(p):
+        # The forward always writes lse here: the backward recomputes P from it.
+        out, lse = autograd_forward(p, deterministic)
+        return (out, lse) if return_lse else out
     out, lse = _launch(p, with_lse=return_lse)
     return (out, lse) if return_lse else out
 
@@ -264,4 +265,8 @@ def explain(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_siz
                  window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
                  deterministic=deterministic, return_attn_probs=return_attn_probs, bias=bias,
                  causal_align=causal_align)
-    return Explanation(p.device, p.problem, p.plan)
+    from .arch.plan_bwd import select_bwd_plan
+    from .backward import needs_autograd
+    bwd = (select_bwd_plan(p.device, p.problem, only=forced_path()) if needs_autograd(p)
+           else None)
+    return Explanation(p.device, p.problem, p.plan, bwd)

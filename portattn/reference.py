@@ -116,6 +116,7 @@ __all__ = [
     "attention_probs_ref",
     "attention_varlen_ref",
     "attention_kvcache_ref",
+    "attention_grad_ref",
 ]
 
 PRECISIONS = ("float64", "float32", "float16", "bfloat16")
@@ -472,6 +473,164 @@ def attention_probs_ref(q, k, v, *, softmax_scale=None, causal=False,
     args = _prepare_dense(q, k, v, softmax_scale, causal, causal_align, window_size, softcap,
                           alibi_slopes, bias, dropout_p, dropout_mask, precision)
     return _attend(*args, want_probs=True)[2]
+
+
+def attention_grad_ref(q, k, v, dout, *, softmax_scale=None, causal=False,
+                       causal_align="bottom_right", window_size=(-1, -1), softcap=0.0,
+                       alibi_slopes=None, bias=None, dropout_p=0.0, dropout_mask=None,
+                       precision="float64"):
+    """Analytical gradients (dq, dk, dv) of ``sum(attention_ref(q, k, v, ...) * dout)``.
+
+    Same arguments and rules as ``attention_ref``, plus ``dout`` (batch, seqlen_q,
+    nheads_q, headdim_v).  With P the softmax, Pd the matrix multiplied with V (P with
+    dropout applied), x = q.k * scale and s the final scores:
+
+        dV = Pd^T dO,  dP = (dO V^T) [* mask / (1 - p)],  D_i = sum_j P_ij dP_ij,
+        dS = P * (dP - D),  dx = dS * (1 - tanh(x / softcap)^2) (1 without softcap),
+        dQ = scale * dx K,  dK = scale * dx^T Q.
+
+    ALiBi and the bias are additive, so they only pass dS through (no bias gradient is
+    returned); masked positions and fully masked rows have P = 0 and contribute nothing.
+    GQA/MQA: dK and dV of a kv head are summed over the query heads of its group.
+
+    ``precision`` other than "float64" emulates a kernel that keeps P and dS in float32:
+    q, k, v, dout and a float bias are rounded to the precision, everything is computed
+    in float32, P is recomputed from a float32 lse the way the kernels store it (natural
+    log, computed in the log2 domain), the sums over the sequence (dQ over keys, dK and dV
+    over queries) accumulate one term after another as register accumulators do,
+    ``D_i = rowsum(dO * O)`` uses the output as a
+    kernel of that precision stores it (``attention_ref(..., precision=precision)``), and
+    dq, dk, dv are rounded to the precision.  Returns float64 arrays (batch, seqlen, nheads, headdim) shaped
+    like q, k and v.
+    """
+    args = _prepare_dense(q, k, v, softmax_scale, causal, causal_align, window_size, softcap,
+                          alibi_slopes, bias, dropout_p, dropout_mask, precision)
+    q, k, v, opts, slopes, bias, mask = args
+    dout = _as_real_array(dout, "dout")
+    want = q.shape[:3] + v.shape[3:]
+    if dout.shape != want:
+        raise ValueError(f"dout shape must be (batch, seqlen_q, nheads_q, headdim_v) = "
+                         f"{_shape_str(want)}, got {_shape_str(dout.shape)}")
+    out_lowp = None
+    if opts.precision != "float64":
+        out_lowp = _attend(q, k, v, opts, slopes, bias, mask, want_probs=False)[0]
+    return _attend_grad(q, k, v, dout, opts, slopes, bias, mask, out_lowp)
+
+
+def _attend_grad(q, k, v, dout, opts: _Options, slopes, bias, dropout_mask, out_lowp):
+    b, sq, hq, d = q.shape
+    sk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
+    group = hq // hkv
+    lowp = opts.precision != "float64"
+    work = np.float32 if lowp else np.float64
+
+    def prepare(x):
+        return round_to(x, opts.precision).astype(work, copy=False)
+
+    q, k, v, dout = prepare(q), prepare(k), prepare(v), prepare(dout)
+    kv_head = np.arange(hq) // group
+    off = _diagonal_offset(sq, sk, opts.causal_align)
+    rel = np.arange(sq)[:, None] + off - np.arange(sk)[None, :]
+    allowed = np.ones((sq, sk), dtype=bool)
+    if opts.left >= 0:
+        allowed &= rel <= opts.left
+    if opts.right >= 0:
+        allowed &= -rel <= opts.right
+    distance = np.abs(rel).astype(work)
+    scale = work(opts.softmax_scale)
+    softcap = work(opts.softcap)
+    keep_scale = work(1.0) / (work(1.0) - work(opts.dropout_p))
+
+    dq = np.empty((b, sq, hq, d), dtype=np.float64)
+    dk = np.empty((b, sk, hkv, d), dtype=np.float64)
+    dvv = np.empty((b, sk, hkv, dv), dtype=np.float64)
+    for bi in range(b):
+        qb = q[bi].transpose(1, 0, 2)                       # (hq, sq, d)
+        kb = k[bi][:, kv_head, :].transpose(1, 0, 2)        # (hq, sk, d)
+        vb = v[bi][:, kv_head, :].transpose(1, 0, 2)        # (hq, sk, dv)
+        gb = dout[bi].transpose(1, 0, 2)                    # (hq, sq, dv)
+        x = np.matmul(qb, kb.transpose(0, 2, 1)) * scale
+        s = softcap * np.tanh(x / softcap) if opts.softcap > 0.0 else x
+        if slopes is not None:
+            s = s - slopes[bi].astype(work)[:, None, None] * distance
+        row_allowed = np.broadcast_to(allowed, s.shape)
+        if bias is not None:
+            if bias.dtype == np.bool_:
+                row_allowed = row_allowed & bias[bi]
+            else:
+                s = s + prepare(bias[bi])
+        s = np.where(row_allowed, s, work(-np.inf))
+        p = _probs_from_lse(s) if lowp else _softmax(s)
+
+        pd, dp = p, np.matmul(gb, vb.transpose(0, 2, 1))
+        if dropout_mask is not None:
+            pd = np.where(dropout_mask[bi], p * keep_scale, work(0.0))
+            dp = np.where(dropout_mask[bi], dp * keep_scale, work(0.0))
+        if out_lowp is None:
+            delta = (p * dp).sum(axis=-1, keepdims=True)
+        else:
+            ob = out_lowp[bi].astype(work).transpose(1, 0, 2)
+            delta = (gb * ob).sum(axis=-1, keepdims=True)
+        ds = p * (dp - delta)
+        if opts.softcap > 0.0:
+            ds = ds * (work(1.0) - np.tanh(x / softcap) ** 2)
+
+        if lowp:
+            # One accumulator per kv head runs over its group's heads, then their rows.
+            def grouped(x):
+                return x.reshape(hkv, group * x.shape[1], x.shape[2])
+            dq_h = _sequential_sum(ds.transpose(0, 2, 1), kb) * scale
+            dk_g = _sequential_sum(grouped(ds), grouped(qb)) * scale
+            dv_g = _sequential_sum(grouped(pd), grouped(gb))
+        else:
+            dq_h = np.matmul(ds, kb) * scale                     # (hq, sq, d)
+            dk_g = (np.matmul(ds.transpose(0, 2, 1), qb) * scale).reshape(
+                hkv, group, sk, d).sum(axis=1)
+            dv_g = np.matmul(pd.transpose(0, 2, 1), gb).reshape(hkv, group, sk, dv).sum(axis=1)
+        dq[bi] = dq_h.transpose(1, 0, 2)
+        dk[bi] = dk_g.transpose(1, 0, 2)
+        dvv[bi] = dv_g.transpose(1, 0, 2)
+    if lowp:
+        dq, dk, dvv = (round_to(x, opts.precision).astype(np.float64) for x in (dq, dk, dvv))
+    return dq, dk, dvv
+
+
+def _sequential_sum(a, b):
+    """sum_t a[:, t, :, None] * b[:, t, None, :] accumulated one t after another, as a
+    kernel's fp32 register accumulators add the rows of a sequence (a BLAS matmul sums in
+    blocks and is more accurate than any such kernel)."""
+    out = np.zeros((a.shape[0], a.shape[2], b.shape[2]), dtype=a.dtype)
+    for t in range(a.shape[1]):
+        out += a[:, t, :, None] * b[:, t, None, :]
+    return out
+
+
+def _softmax(s):
+    row_max = s.max(axis=-1, keepdims=True, initial=-np.inf)
+    empty_row = row_max == -np.inf
+    e = np.exp(s - np.where(empty_row, s.dtype.type(0.0), row_max))
+    return e / np.where(empty_row, s.dtype.type(1.0), e.sum(axis=-1, keepdims=True))
+
+
+def _probs_from_lse(s):
+    """float32 P as a backward kernel recomputes it: the forward keeps scores and lse in the
+    log2 domain and stores lse in float32 natural log; the backward converts it back and
+    takes P = exp2(s2 - lse2). The round trip's rounding (relative 2^-24 of |lse|) is part
+    of what a same-precision kernel cannot avoid."""
+    f32 = np.float32
+    s2 = s.astype(f32) * f32(_LOG2E)
+    m2 = s2.max(axis=-1, keepdims=True, initial=-np.inf)
+    empty_row = m2 == -np.inf
+    shift = np.where(empty_row, f32(0.0), m2)
+    denom = np.exp2(s2 - shift).sum(axis=-1, keepdims=True, dtype=f32)
+    with np.errstate(divide="ignore"):
+        lse_nat = ((shift + np.log2(np.where(empty_row, f32(1.0), denom))) * f32(_LN2)).astype(f32)
+    lse2 = np.where(empty_row, f32(np.inf), lse_nat * f32(_LOG2E))
+    return np.exp2(s2 - lse2).astype(f32)
+
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
 
 
 def _check_cu_seqlens(cu, name: str, total: int, total_name: str) -> np.ndarray:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _arrays
-from .reference import attention_ref, round_to
+from .reference import attention_grad_ref, attention_ref, round_to
 
 EPS = {"float16": 2.0 ** -10, "bfloat16": 2.0 ** -7, "float32": 2.0 ** -20}
 
@@ -139,6 +139,63 @@ def check_forward(fn_kwargs: dict, arrays: dict, dtype: str, kind: str, flash_at
     c_lse = compare(to_numpy(lse), lse64, lse_low, "float32" if dtype == "float32" else dtype,
                     "lse")
     return c_out, c_lse
+
+
+# fp32 accumulation noise: a gradient that is exactly 0 in exact arithmetic (one visible
+# key: dS = P (dP - delta) with dP == delta) comes out as the rounding difference of two
+# fp32 dot products, relative to the size of the call's gradients.
+GRAD_NOISE = 2.0 ** -20
+
+
+def compare_grad(grad, ref64, ref_lowp, dtype: str, what: str, scale: float = 0.0) -> Check:
+    """``compare`` for gradients: atol is one unit in the last place at the gradient's own
+    magnitude (gradients are often far below 1, where compare's floor of 1 would hide
+    errors), plus GRAD_NOISE times ``scale``, the largest reference gradient of the call."""
+    grad = np.asarray(grad, dtype=np.float64)
+    bad = int(np.sum(~np.isfinite(grad)))
+    if grad.size == 0:
+        return Check(bad == 0, 0.0, 0.0, bad, what)
+    err = float(np.max(np.abs(np.where(np.isfinite(grad), grad, 0.0) - ref64)))
+    base = float(np.max(np.abs(np.asarray(ref_lowp, np.float64) - ref64)))
+    bound = 2.0 * base + EPS[dtype] * float(np.max(np.abs(ref64))) + GRAD_NOISE * scale
+    return Check(err <= bound and bad == 0, err, bound, bad, what)
+
+
+def check_backward(fn_kwargs: dict, arrays: dict, dtype: str, kind: str, *,
+                   deterministic: bool = False, autograd: bool = False):
+    """Gradients of device copies of ``arrays`` (numpy q, k, v, dout, optional bias /
+    alibi_slopes) against attention_grad_ref in float64 and in ``dtype``: through
+    loss.backward() (``autograd``, torch only) or portattn.flash_attn_backward.
+    Returns (Check dq, Check dk, Check dv)."""
+    import portattn
+    dev = {n: to_device(arrays[n], kind, dtype) for n in ("q", "k", "v", "dout")}
+    extra = {}
+    if arrays.get("alibi_slopes") is not None:
+        extra["alibi_slopes"] = to_device(arrays["alibi_slopes"], kind, "float32")
+    bias = arrays.get("bias")
+    if bias is not None:
+        extra["bias"] = (_bool_to_device(bias, kind) if bias.dtype == np.bool_
+                         else to_device(bias, kind, "float32"))
+    with poisoned_outputs():
+        if autograd:
+            q, k, v = (dev[n].detach().requires_grad_(True) for n in ("q", "k", "v"))
+            out = portattn.flash_attn_func(q, k, v, deterministic=deterministic, **fn_kwargs,
+                                           **extra)
+            out.backward(dev["dout"])
+            grads = (q.grad, k.grad, v.grad)
+        else:
+            out, lse = portattn.flash_attn_func(dev["q"], dev["k"], dev["v"], return_lse=True,
+                                                **fn_kwargs, **extra)
+            grads = portattn.flash_attn_backward(dev["dout"], dev["q"], dev["k"], dev["v"],
+                                                 out, lse, deterministic=deterministic,
+                                                 **fn_kwargs, **extra)
+    np_extra = {n: arrays[n] for n in ("alibi_slopes", "bias") if arrays.get(n) is not None}
+    args = (arrays["q"], arrays["k"], arrays["v"], arrays["dout"])
+    ref64 = attention_grad_ref(*args, **fn_kwargs, **np_extra)
+    low = attention_grad_ref(*args, precision=dtype, **fn_kwargs, **np_extra)
+    scale = max(float(np.max(np.abs(r), initial=0.0)) for r in ref64)
+    return tuple(compare_grad(to_numpy(g), r, lo, dtype, name, scale)
+                 for g, r, lo, name in zip(grads, ref64, low, ("dq", "dk", "dv")))
 
 
 def _bool_to_device(mask: np.ndarray, kind: str):

@@ -1,4 +1,5 @@
-"""compute-sanitizer over portattn's forward kernels, every forced arch, on a GPU machine.
+"""compute-sanitizer over portattn's forward and backward kernels, every forced arch, on a
+GPU machine.
 
     python tools/sanitize.py [--tool memcheck|racecheck|initcheck|synccheck|all]
                              [--archs native,sm_80,sm_75,sm_70,sm_61]
@@ -98,7 +99,8 @@ def _child(archs: list, dtypes: list) -> int:
 
     import portattn
     from portattn.arch import parse_arch
-    from portattn.testing import check_forward, forced_arch, random_inputs, to_device
+    from portattn.testing import (check_backward, check_forward, forced_arch, random_inputs,
+                                  to_device)
 
     cupy.cuda.set_allocator(None)
     try:
@@ -138,14 +140,19 @@ def _child(archs: list, dtypes: list) -> int:
                         plan = portattn.explain(*dev, **s.kwargs, **extra).plan
                         c_out, c_lse = check_forward(dict(s.kwargs), arrays, dtype, kind,
                                                      portattn.flash_attn_func)
+                        # Backward: atomic dQ on even shapes, the deterministic dQ kernel
+                        # on odd ones, so both run under every tool.
+                        arrays["dout"] = random_inputs(rng, (s.batch, s.sq, s.hq, s.d), dtype)
+                        grads = check_backward(dict(s.kwargs), arrays, dtype, kind,
+                                               deterministic=bool(n % 2))
                 except Exception as e:  # reported per case, the others still run
                     failed += 1
                     print(f"CASE FAIL {what}: {type(e).__name__}: {e}", flush=True)
                     continue
-                ok = c_out.ok and c_lse.ok
+                ok = c_out.ok and c_lse.ok and all(g.ok for g in grads)
                 failed += not ok
                 print(f"CASE {'ok' if ok else 'FAIL'} {what} [{plan.path}:{plan.spec.short()}]:"
-                      f" {c_out}; {c_lse}", flush=True)
+                      f" {c_out}; {c_lse}; " + "; ".join(str(g) for g in grads), flush=True)
     cupy.cuda.runtime.deviceSynchronize()
     return 1 if failed else 0
 

@@ -1,0 +1,390 @@
+// SIMT backward attention: runs on every arch from sm_50, no tensor-core assumptions.
+//
+// FlashAttention-2 structure, P recomputed from Q, K and the forward's lse (nothing of size
+// seqlen^2 is stored). One kernel, four stages picked by the run-time ``stage`` argument
+// (one compile per tile serves them all), launched in order by backward.py:
+//   0 pre   delta_i = rowsum(dO_i * O_i) and lse in the log2 domain (+inf for rows that
+//           saw no key, so exp2(s - lse) is exactly 0 there and never NaN);
+//   1 dkdv  one CTA per (key tile, batch, kv head): loops over the group's query heads and
+//           the query tiles that can see the keys, accumulates dK and dV in registers (so
+//           GQA sums over the group without repeating K/V), and, given dq_accum, adds this
+//           tile's share of dQ with fp32 atomics;
+//   2 dq    deterministic dQ: one CTA per (query tile, batch, head) looping over key tiles,
+//           no atomics, so results do not depend on scheduling;
+//   3 cvt   dq = dq_accum * softmax_scale in the input type.
+//
+// Scores use the forward's log2 domain: Q is staged pre-scaled by softmax_scale*log2(e), so
+// the same ScoreMods give the same s, P = exp2(s - lse2), dS = P (dP - delta) times the
+// softcap derivative 1 - tanh^2. With Q~ = Q*scale*log2(e): dK = ln2 * dS^T Q~,
+// dQ = scale * dS K, dV = P^T dO.
+//
+// Shared memory is fp32, every operand stored transposed ([head dim][rows], padded by one
+// column): each thread reads its rows/columns as scalars that are either broadcast within
+// a row group or fall on distinct banks (the odd row length spreads the TX lanes), which
+// lets one copy of Q, dO, K and V serve every product (S, dP, dV, dK and dQ).
+#include "common.cuh"
+
+#define PORTATTN_BWD_PARAMS(T) \
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, \
+    const T* __restrict__ o, const T* __restrict__ dout, const float* __restrict__ lse, \
+    float* __restrict__ lse2, float* __restrict__ delta, float* __restrict__ dq_accum, \
+    T* __restrict__ dq, T* __restrict__ dk, T* __restrict__ dv, \
+    const void* __restrict__ bias, const float* __restrict__ alibi, \
+    long long q_sb, long long q_ss, long long q_sh, \
+    long long k_sb, long long k_ss, long long k_sh, \
+    long long v_sb, long long v_ss, long long v_sh, \
+    long long o_sb, long long o_ss, long long o_sh, \
+    long long do_sb, long long do_ss, long long do_sh, \
+    long long lse_sb, long long lse_sh, long long lse_ss, \
+    long long dq_sb, long long dq_ss, long long dq_sh, \
+    long long dk_sb, long long dk_ss, long long dk_sh, \
+    long long dv_sb, long long dv_ss, long long dv_sh, \
+    long long bias_sb, long long bias_sh, long long bias_sq, long long bias_sk, \
+    long long alibi_sb, long long alibi_sh, \
+    int batch, int hq, int group, int sq, int sk, int d, \
+    int win_left, int win_right, int diag_off, \
+    float scale_log2, float softcap_log2, float dq_scale, int bias_kind, int vec_flags, \
+    int stage
+
+namespace portattn {
+
+__device__ __forceinline__ float pos_inf() { return __int_as_float(0x7f800000); }
+
+template <int D, int BM, int BN, int NT, int TX>
+struct BwdTile {
+  static constexpr int TY = NT / TX;
+  static constexpr int RK = BN / TY;    // keys per thread in S^T / dP^T and dK / dV
+  static constexpr int RQ = BM / TX;    // queries per thread in S^T / dP^T
+  static constexpr int RQC = BM / TY;   // queries per thread in dQ
+  static constexpr int DC = D / TX;     // head-dim columns per thread in dK / dV / dQ
+  static constexpr int LM = BM + 1;     // padded row length of [D][BM] and [BN][BM] arrays
+  static constexpr int LN = BN + 1;
+  static_assert(TY * RK == BN && TX * RQ == BM && TY * RQC == BM && TX * DC == D, "tile");
+  static_assert(BM % 8 == 0 && BN % 8 == 0 && D % 32 == 0 && 32 % TX == 0, "tile shape");
+};
+
+// dst[c * (ROWS + 1) + r] = scale * src[row0 + r][c] for r < ROWS, c < D, zero past
+// nrows / d. A warp covers 8 rows x 32 head-dim elements per step; the odd row length
+// puts the 4 head-dim chunks x 8 rows of one store on distinct banks.
+template <class T, int ROWS, int D, int NT>
+__device__ __forceinline__ void stage_cols(float* dst, const T* src, long long row_stride,
+                                           int row0, int nrows, int d, bool vec, float scale) {
+  constexpr int LD = ROWS + 1;
+  constexpr int kUnits = (ROWS / 8) * (D / 32);
+  const int lane = threadIdx.x & 31;
+  const int lo = lane & 7, c = lane >> 3;
+  for (int u = threadIdx.x >> 5; u < kUnits; u += NT / 32) {
+    const int r = (u % (ROWS / 8)) * 8 + lo;
+    const int d0 = ((u / (ROWS / 8)) * 4 + c) * 8;
+    float x[8];
+    const int n = r < nrows ? d - d0 : 0;
+    load8(x, src + static_cast<long long>(row0 + r) * row_stride + d0, n, vec);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) dst[(d0 + e) * LD + r] = x[e] * scale;
+  }
+}
+
+// The same modifiers the forward's CtaScores builds, for any (batch, head): the dK/dV
+// kernel walks the heads of a group inside one CTA.
+__device__ __forceinline__ ScoreMods head_mods(int b, int h, const void* bias, int bias_kind,
+                                               long long bias_sb, long long bias_sh,
+                                               long long bias_sq, long long bias_sk,
+                                               const float* alibi, long long alibi_sb,
+                                               long long alibi_sh, float softcap_log2,
+                                               int win_left, int win_right, int diag_off,
+                                               int sq, int sk) {
+  ScoreMods m;
+  const int elem = bias_kind == 1 ? 4 : bias_kind == 4 ? 1 : 2;
+  m.softcap_log2 = softcap_log2;
+  m.alibi_log2 = alibi ? kLog2e * alibi[b * alibi_sb + h * alibi_sh] : 0.f;
+  m.bias_kind = bias_kind;
+  m.bias = bias_kind ? static_cast<const void*>(static_cast<const char*>(bias) +
+                                                (b * bias_sb + h * bias_sh) * elem)
+                     : nullptr;
+  m.bias_sq = bias_sq;
+  m.bias_sk = bias_sk;
+  m.win_left = win_left;
+  m.win_right = win_right;
+  m.diag_off = diag_off;
+  m.sq = sq;
+  m.sk = sk;
+  return m;
+}
+
+// S^T and dP^T for keys n0.. x queries m0.., then P and dS into shared memory ([BN][BM]).
+// Thread (ty, tx) owns keys ty*RK + r and queries tx + TX*e.
+template <int D, int BM, int BN, int NT, int TX>
+__device__ __forceinline__ void probs_and_dscores(const float* Kt, const float* Vt,
+                                                  const float* Qt, const float* dOt,
+                                                  const float* lse2s, const float* deltas,
+                                                  float* Ps, float* dSs, const ScoreMods& mods,
+                                                  int m0, int n0, bool store_p) {
+  using G = BwdTile<D, BM, BN, NT, TX>;
+  const int tx = threadIdx.x % TX, ty = threadIdx.x / TX;
+  float s[G::RK][G::RQ], dp[G::RK][G::RQ];
+#pragma unroll
+  for (int r = 0; r < G::RK; ++r)
+#pragma unroll
+    for (int e = 0; e < G::RQ; ++e) s[r][e] = dp[r][e] = 0.f;
+#pragma unroll 4
+  for (int dd = 0; dd < D; ++dd) {
+    float kk[G::RK], vv[G::RK], qq[G::RQ], oo[G::RQ];
+#pragma unroll
+    for (int r = 0; r < G::RK; ++r) {
+      kk[r] = Kt[dd * G::LN + ty * G::RK + r];
+      vv[r] = Vt[dd * G::LN + ty * G::RK + r];
+    }
+#pragma unroll
+    for (int e = 0; e < G::RQ; ++e) {
+      qq[e] = Qt[dd * G::LM + tx + TX * e];
+      oo[e] = dOt[dd * G::LM + tx + TX * e];
+    }
+#pragma unroll
+    for (int r = 0; r < G::RK; ++r)
+#pragma unroll
+      for (int e = 0; e < G::RQ; ++e) {
+        s[r][e] = fmaf(kk[r], qq[e], s[r][e]);
+        dp[r][e] = fmaf(vv[r], oo[e], dp[r][e]);
+      }
+  }
+  const bool has_mods = mods.any();
+#pragma unroll
+  for (int r = 0; r < G::RK; ++r)
+#pragma unroll
+    for (int e = 0; e < G::RQ; ++e) {
+      const int il = tx + TX * e, jl = ty * G::RK + r;
+      const int i = m0 + il, j = n0 + jl;
+      const float x = s[r][e];
+      float sc = x;
+      if (has_mods) {
+        sc = mods.apply(x, i, j);
+      } else if (!mods.visible(i, j)) {
+        sc = neg_inf();
+      }
+      const float p = fast_exp2(sc - lse2s[il]);
+      float ds = p * (dp[r][e] - deltas[il]);
+      if (mods.softcap_log2 > 0.f) {
+        const float th = tanhf(x / mods.softcap_log2);
+        ds *= 1.f - th * th;
+      }
+      if (store_p) Ps[jl * G::LM + il] = p;
+      dSs[jl * G::LM + il] = ds;
+    }
+}
+
+// acc[r][e] += sum_j dS[query ty*RQC + r][j] * K[j][column tx + TX*e].
+template <int D, int BM, int BN, int NT, int TX>
+__device__ __forceinline__ void dq_product(
+    float (&acc)[BwdTile<D, BM, BN, NT, TX>::RQC][BwdTile<D, BM, BN, NT, TX>::DC],
+    const float* dSs, const float* Kt) {
+  using G = BwdTile<D, BM, BN, NT, TX>;
+  const int tx = threadIdx.x % TX, ty = threadIdx.x / TX;
+#pragma unroll 2
+  for (int j = 0; j < BN; ++j) {
+    float ds[G::RQC];
+#pragma unroll
+    for (int r = 0; r < G::RQC; ++r) ds[r] = dSs[j * G::LM + ty * G::RQC + r];
+#pragma unroll
+    for (int e = 0; e < G::DC; ++e) {
+      const float kv = Kt[(tx + TX * e) * G::LN + j];
+#pragma unroll
+      for (int r = 0; r < G::RQC; ++r) acc[r][e] = fmaf(ds[r], kv, acc[r][e]);
+    }
+  }
+}
+
+// Values of the ``stage`` argument, in launch order (backward.BWD_STAGES).
+constexpr int kStagePre = 0, kStageDkdv = 1, kStageDq = 2, kStageCvt = 3;
+
+template <class T, int D, int BM, int BN, int NT, int TX>
+__global__ void __launch_bounds__(NT, 1) simt_bwd_kernel(PORTATTN_BWD_PARAMS(T)) {
+  if (stage == kStagePre) {
+    // One warp per (batch, head, query row), lanes over the head dim (d <= 256 = 32 x 8).
+    const long long row = static_cast<long long>(blockIdx.x) * (NT / 32) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (row >= static_cast<long long>(batch) * hq * sq) return;
+    const int i = static_cast<int>(row % sq);
+    const int h = static_cast<int>((row / sq) % hq);
+    const int b = static_cast<int>(row / (static_cast<long long>(sq) * hq));
+    const T* orow = o + b * o_sb + static_cast<long long>(i) * o_ss + h * o_sh;
+    const T* drow = dout + b * do_sb + static_cast<long long>(i) * do_ss + h * do_sh;
+    float acc = 0.f;
+    for (int d0 = lane * 8; d0 < d; d0 += 256) {
+      float a[8], g[8];
+      load8(a, orow + d0, d - d0, vec_flags & 8);
+      load8(g, drow + d0, d - d0, vec_flags & 16);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc = fmaf(a[e], g[e], acc);
+    }
+    acc = group_sum<32>(acc);
+    if (lane == 0) {
+      delta[row] = acc;
+      const float l = lse[b * lse_sb + h * lse_sh + static_cast<long long>(i) * lse_ss];
+      lse2[row] = l == neg_inf() ? pos_inf() : l * kLog2e;
+    }
+  } else if (stage == kStageCvt) {
+    const long long n = static_cast<long long>(batch) * sq * hq * d;
+    for (long long idx = static_cast<long long>(blockIdx.x) * NT + threadIdx.x; idx < n;
+         idx += static_cast<long long>(gridDim.x) * NT) {
+      dq[idx] = from_float<T>(dq_accum[idx] * dq_scale);
+    }
+  } else {
+    using G = BwdTile<D, BM, BN, NT, TX>;
+    extern __shared__ float4 smem_f4[];
+    float* Kt = reinterpret_cast<float*>(smem_f4);
+    float* Vt = Kt + D * G::LN;
+    float* Qt = Vt + D * G::LN;
+    float* dOt = Qt + D * G::LM;
+    float* Ps = dOt + D * G::LM;
+    float* dSs = Ps + BN * G::LM;
+    float* lse2s = dSs + BN * G::LM;
+    float* deltas = lse2s + BM;
+    const int tid = threadIdx.x;
+    const int tx = tid % TX, ty = tid / TX;
+
+    // Row statistics of query tile m0 of head h; padding rows get lse2 = +inf, so P = 0.
+    auto stage_rows_stats = [&](int b, int h, int m0, int rows_valid) {
+      for (int il = tid; il < BM; il += NT) {
+        const long long row = (static_cast<long long>(b) * hq + h) * sq + m0 + il;
+        lse2s[il] = il < rows_valid ? lse2[row] : pos_inf();
+        deltas[il] = il < rows_valid ? delta[row] : 0.f;
+      }
+    };
+
+    if (stage == kStageDkdv) {
+      const int hkv = hq / group;
+      const int num_nb = (sk + BN - 1) / BN;
+      const int nb = static_cast<int>(blockIdx.x % num_nb);
+      const int bh = static_cast<int>(blockIdx.x / num_nb);
+      const int b = bh / hkv, hk = bh % hkv;
+      const int n0 = nb * BN, cols_valid = min(BN, sk - n0);
+      stage_cols<T, BN, D, NT>(Kt, k + b * k_sb + hk * k_sh, k_ss, n0, cols_valid, d,
+                               vec_flags & 2, 1.f);
+      stage_cols<T, BN, D, NT>(Vt, v + b * v_sb + hk * v_sh, v_ss, n0, cols_valid, d,
+                               vec_flags & 4, 1.f);
+      // Query rows that see at least one key of this tile (the window read backwards).
+      const int m_lo = win_right >= 0 ? max(0, n0 - diag_off - win_right) : 0;
+      const int m_hi = win_left >= 0 ? min(sq, n0 + cols_valid - 1 - diag_off + win_left + 1)
+                                     : sq;
+      float dka[G::RK][G::DC], dva[G::RK][G::DC];
+#pragma unroll
+      for (int r = 0; r < G::RK; ++r)
+#pragma unroll
+        for (int e = 0; e < G::DC; ++e) dka[r][e] = dva[r][e] = 0.f;
+
+      for (int hh = 0; hh < group; ++hh) {
+        const int h = hk * group + hh;
+        const ScoreMods mods = head_mods(b, h, bias, bias_kind, bias_sb, bias_sh, bias_sq,
+                                         bias_sk, alibi, alibi_sb, alibi_sh, softcap_log2,
+                                         win_left, win_right, diag_off, sq, sk);
+        for (int m0 = max(m_lo, 0) / BM * BM; m0 < m_hi; m0 += BM) {
+          const int rows_valid = min(BM, sq - m0);
+          stage_cols<T, BM, D, NT>(Qt, q + b * q_sb + h * q_sh, q_ss, m0, rows_valid, d,
+                                   vec_flags & 1, scale_log2);
+          stage_cols<T, BM, D, NT>(dOt, dout + b * do_sb + h * do_sh, do_ss, m0, rows_valid,
+                                   d, vec_flags & 16, 1.f);
+          stage_rows_stats(b, h, m0, rows_valid);
+          __syncthreads();
+          probs_and_dscores<D, BM, BN, NT, TX>(Kt, Vt, Qt, dOt, lse2s, deltas, Ps, dSs, mods,
+                                               m0, n0, true);
+          __syncthreads();
+#pragma unroll 2
+          for (int il = 0; il < BM; ++il) {
+            float p[G::RK], ds[G::RK];
+#pragma unroll
+            for (int r = 0; r < G::RK; ++r) {
+              p[r] = Ps[(ty * G::RK + r) * G::LM + il];
+              ds[r] = dSs[(ty * G::RK + r) * G::LM + il];
+            }
+#pragma unroll
+            for (int e = 0; e < G::DC; ++e) {
+              const float ov = dOt[(tx + TX * e) * G::LM + il];
+              const float qv = Qt[(tx + TX * e) * G::LM + il];
+#pragma unroll
+              for (int r = 0; r < G::RK; ++r) {
+                dva[r][e] = fmaf(p[r], ov, dva[r][e]);
+                dka[r][e] = fmaf(ds[r], qv, dka[r][e]);
+              }
+            }
+          }
+          if (dq_accum != nullptr) {
+            float acc[G::RQC][G::DC];
+#pragma unroll
+            for (int r = 0; r < G::RQC; ++r)
+#pragma unroll
+              for (int e = 0; e < G::DC; ++e) acc[r][e] = 0.f;
+            dq_product<D, BM, BN, NT, TX>(acc, dSs, Kt);
+#pragma unroll
+            for (int r = 0; r < G::RQC; ++r) {
+              const int i = m0 + ty * G::RQC + r;
+              if (i >= sq) continue;
+              float* row = dq_accum + b * dq_sb + static_cast<long long>(i) * dq_ss + h * dq_sh;
+#pragma unroll
+              for (int e = 0; e < G::DC; ++e) {
+                const int c = tx + TX * e;
+                if (c < d) atomicAdd(row + c, acc[r][e]);
+              }
+            }
+          }
+          __syncthreads();  // every read of this query tile is done before the next is staged
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < G::RK; ++r) {
+        const int j = n0 + ty * G::RK + r;
+        if (j >= sk) continue;
+        T* krow = dk + b * dk_sb + static_cast<long long>(j) * dk_ss + hk * dk_sh;
+        T* vrow = dv + b * dv_sb + static_cast<long long>(j) * dv_ss + hk * dv_sh;
+#pragma unroll
+        for (int e = 0; e < G::DC; ++e) {
+          const int c = tx + TX * e;
+          if (c < d) {
+            krow[c] = from_float<T>(dka[r][e] * kLn2);
+            vrow[c] = from_float<T>(dva[r][e]);
+          }
+        }
+      }
+    } else {
+      const CtaTile t(BM, sq, hq, group);
+      const CtaScores cs(t, bias, bias_kind, bias_sb, bias_sh, bias_sq, bias_sk, alibi,
+                         alibi_sb, alibi_sh, softcap_log2, win_left, win_right, diag_off, sq,
+                         sk);
+      stage_cols<T, BM, D, NT>(Qt, q + t.b * q_sb + t.h * q_sh, q_ss, t.m0, t.rows_valid, d,
+                               vec_flags & 1, scale_log2);
+      stage_cols<T, BM, D, NT>(dOt, dout + t.b * do_sb + t.h * do_sh, do_ss, t.m0,
+                               t.rows_valid, d, vec_flags & 16, 1.f);
+      stage_rows_stats(t.b, t.h, t.m0, t.rows_valid);
+      float acc[G::RQC][G::DC];
+#pragma unroll
+      for (int r = 0; r < G::RQC; ++r)
+#pragma unroll
+        for (int e = 0; e < G::DC; ++e) acc[r][e] = 0.f;
+      const T* kbase = k + t.b * k_sb + t.hk * k_sh;
+      const T* vbase = v + t.b * v_sb + t.hk * v_sh;
+      for (int n0 = cs.n_lo / BN * BN; n0 < cs.n_hi; n0 += BN) {
+        const int cols_valid = min(BN, sk - n0);
+        stage_cols<T, BN, D, NT>(Kt, kbase, k_ss, n0, cols_valid, d, vec_flags & 2, 1.f);
+        stage_cols<T, BN, D, NT>(Vt, vbase, v_ss, n0, cols_valid, d, vec_flags & 4, 1.f);
+        __syncthreads();
+        probs_and_dscores<D, BM, BN, NT, TX>(Kt, Vt, Qt, dOt, lse2s, deltas, Ps, dSs, cs.mods,
+                                             t.m0, n0, false);
+        __syncthreads();
+        dq_product<D, BM, BN, NT, TX>(acc, dSs, Kt);
+        __syncthreads();  // K^T and dS reads done before the next key tile is staged
+      }
+#pragma unroll
+      for (int r = 0; r < G::RQC; ++r) {
+        const int i = t.m0 + ty * G::RQC + r;
+        if (i >= sq) continue;
+        T* row = dq + t.b * dq_sb + static_cast<long long>(i) * dq_ss + t.h * dq_sh;
+#pragma unroll
+        for (int e = 0; e < G::DC; ++e) {
+          const int c = tx + TX * e;
+          if (c < d) row[c] = from_float<T>(acc[r][e] * dq_scale);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace portattn
