@@ -31,12 +31,16 @@ class KernelSpec:
     block_m: int         # query rows per CTA
     block_n: int         # key rows per K/V tile
     threads: int
-    tx: int = 0          # simt_fwd: threads sharing one query row group
-    mma: int = 0         # tc_fwd: MMA policy, 80 (m16n8k16 + cp.async) or 75 (m16n8k8)
+    tx: int = 0          # simt_fwd / simt_bwd: threads sharing one query row group
+    mma: int = 0         # tc_fwd: MMA policy, 80 (m16n8k16 + cp.async) or 75 (m16n8k8);
+                         # tc70_fwd: 70 (m8n8k4)
 
     @property
     def name_expression(self) -> str:
-        last = self.tx if self.family == "simt_fwd" else self.mma
+        if self.family == "decode_fwd":   # tx picks one of decode_fwd.cu's kernels
+            return (f"portattn::{DECODE_KERNELS[self.tx]}<{DTYPE_CTYPE[self.dtype]}, "
+                    f"{self.head_dim}, {self.block_m}, {self.block_n}, {self.threads}>")
+        last = self.tx if self.family in ("simt_fwd", "simt_bwd") else self.mma
         return (f"portattn::{self.family}_kernel<{DTYPE_CTYPE[self.dtype]}, {self.head_dim}, "
                 f"{self.block_m}, {self.block_n}, {self.threads}, {last}>")
 
@@ -72,4 +76,26 @@ def tc_fwd_smem_bytes(spec: KernelSpec) -> int:
     return DTYPE_BYTES[spec.dtype] * rows * (spec.head_dim + 8)
 
 
-SMEM_BYTES = {"simt_fwd": simt_fwd_smem_bytes, "tc_fwd": tc_fwd_smem_bytes}
+def tc70_fwd_smem_bytes(spec: KernelSpec) -> int:
+    """Q (BM rows), K and V (BN rows each) in the input type, rows padded by 8 elements."""
+    return DTYPE_BYTES[spec.dtype] * (spec.block_m + 2 * spec.block_n) * (spec.head_dim + 8)
+
+
+# decode_fwd.cu's kernels; their shared memory (the cross-warp merge) is static.
+DECODE_KERNELS = ("decode_fwd_kernel", "decode_combine_kernel", "decode_append_kernel",
+                  "decode_tc_kernel")
+
+SMEM_BYTES = {"simt_fwd": simt_fwd_smem_bytes, "tc_fwd": tc_fwd_smem_bytes,
+              "decode_fwd": lambda spec: 0,
+              "tc70_fwd": tc70_fwd_smem_bytes}
+
+
+def simt_bwd_smem_bytes(spec: KernelSpec) -> int:
+    """The dkdv and dq stages: fp32, transposed with rows padded by one: K^T, V^T
+    (D x BN+1), Q^T, dO^T (D x BM+1), P and dS (BN x BM+1), lse and delta of the query
+    tile. The pre and cvt stages of the same kernel use none."""
+    d, bm, bn = spec.head_dim, spec.block_m, spec.block_n
+    return 4 * (2 * d * (bn + 1) + 2 * d * (bm + 1) + 2 * bn * (bm + 1) + 2 * bm)
+
+
+SMEM_BYTES["simt_bwd"] = simt_bwd_smem_bytes

@@ -4,6 +4,8 @@ import pytest
 from toolload import load_tool
 
 from portattn.arch import GATE_CCS, all_specs_for, device_from_arch
+from portattn.arch.plan_bwd import all_bwd_specs_for
+from portattn.arch.plan_decode import all_decode_specs_for
 
 def _gate():
     return load_tool("compile_gate")
@@ -28,6 +30,8 @@ def test_every_plannable_kernel_compiles_on_its_arch_without_spills(capsys):
         for r in rows:
             print(r.line())
     expected = {(cc, s) for cc in GATE_CCS for s in all_specs_for(device_from_arch(cc))}
+    expected |= {(cc, s) for cc in GATE_CCS for s in all_bwd_specs_for(device_from_arch(cc))}
+    expected |= {(cc, s) for cc in GATE_CCS for s in all_decode_specs_for(device_from_arch(cc))}
     assert {(r.cc, r.spec) for r in rows} == expected
     bad = [r.line() for r in rows if r.problems]
     assert not bad, "\n".join(bad)

@@ -1,5 +1,6 @@
-"""Compile gate: every KernelSpec select_plan can return, compiled by NVRTC to each arch's
-SASS with no GPU present; fails on any spill or on shared memory beyond the arch's limit.
+"""Compile gate: every KernelSpec select_plan and select_bwd_plan can return, compiled by
+NVRTC to each arch's SASS with no GPU present; fails on any spill or on shared memory beyond
+the arch's limit.
 
     python tools/compile_gate.py [--archs 50,61,...] [--jobs N]
 
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from portattn.arch import GATE_CCS, all_specs_for, device_from_arch, facts_for  # noqa: E402
+from portattn.arch.plan_bwd import all_bwd_specs_for  # noqa: E402
+from portattn.arch.plan_decode import all_decode_specs_for  # noqa: E402
 from portattn.arch.plan import ctas_per_sm  # noqa: E402
 from portattn.compile import compile_cubin  # noqa: E402
 
@@ -96,6 +99,10 @@ def jobs_for(ccs):
     for cc in ccs:
         for spec, plan in all_specs_for(device_from_arch(cc)).items():
             yield cc, spec, plan.smem_bytes
+        for spec in all_bwd_specs_for(device_from_arch(cc)):
+            yield cc, spec, spec.smem_bytes
+        for spec in all_decode_specs_for(device_from_arch(cc)):
+            yield cc, spec, spec.smem_bytes
 
 
 def run_gate(ccs=GATE_CCS, jobs: int | None = None):
