@@ -84,6 +84,41 @@ def _broadcast_strides(b: _arrays.ArrayView, target: tuple) -> tuple:
     return tuple(0 if have == 1 else s for have, s in zip(shape, strides))
 
 
+def _score_options(d, softmax_scale, softcap, window_size, causal, causal_align):
+    """Validated (scale, softcap, (left, right)); causal sets right = 0. Shared by every
+    entry point so flash_attn_func and flash_attn_with_kvcache refuse the same values."""
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(d)
+    if (not isinstance(softmax_scale, numbers.Real) or isinstance(softmax_scale, bool)
+            or not math.isfinite(softmax_scale)):
+        raise ValueError(f"softmax_scale must be a finite float, got {softmax_scale!r}")
+    if (not isinstance(softcap, numbers.Real) or isinstance(softcap, bool)
+            or not (math.isfinite(softcap) and softcap >= 0)):
+        raise ValueError(f"softcap must be a finite float >= 0, got {softcap!r}")
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= -1
+                       for w in window_size)):
+        raise ValueError(f"window_size must be a pair of ints >= -1 (-1: unbounded), "
+                         f"got {window_size!r}")
+    if causal_align not in CAUSAL_ALIGNS:
+        raise ValueError(f"causal_align must be one of {CAUSAL_ALIGNS}, got {causal_align!r}")
+    left, right = int(window_size[0]), int(window_size[1])
+    return float(softmax_scale), float(softcap), (left, 0 if causal else right)
+
+
+def _alibi_view(alibi_slopes, qv: _arrays.ArrayView, batch: int, hq: int):
+    if alibi_slopes is None:
+        return None
+    alibi = _arrays.view(alibi_slopes, "alibi_slopes")
+    _same_place(alibi, qv, "alibi_slopes")
+    if alibi.dtype != "float32":
+        raise TypeError(f"alibi_slopes.dtype must be float32, got {alibi.dtype}")
+    if alibi.shape not in ((hq,), (batch, hq)):
+        raise ValueError(f"alibi_slopes.shape must be ({hq},) or ({batch}, {hq}), "
+                         f"got {alibi.shape}")
+    return alibi
+
+
 def _prepare(q, k, v, *, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
              deterministic, return_attn_probs, bias, causal_align) -> _Prepared:
     qv, kv, vv = _arrays.view(q, "q"), _arrays.view(k, "k"), _arrays.view(v, "v")
@@ -122,39 +157,17 @@ def _prepare(q, k, v, *, dropout_p, softmax_scale, causal, window_size, softcap,
     if not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
     if dropout_p > 0.0:
-        raise NotImplementedError("dropout_p > 0 is not implemented yet in portattn "
-                                  "(it arrives with the backward pass); pass dropout_p=0.0")
+        raise NotImplementedError("dropout_p > 0 is not implemented yet in portattn; "
+                                  "pass dropout_p=0.0")
     if return_attn_probs:
         raise NotImplementedError("return_attn_probs=True is not implemented yet in portattn "
                                   "(a debugging aid that arrives with dropout)")
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(d)
-    if not isinstance(softmax_scale, numbers.Real) or not math.isfinite(softmax_scale):
-        raise ValueError(f"softmax_scale must be a finite float, got {softmax_scale!r}")
-    if not isinstance(softcap, numbers.Real) or not (math.isfinite(softcap) and softcap >= 0):
-        raise ValueError(f"softcap must be a finite float >= 0, got {softcap!r}")
-    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
-            or not all(isinstance(w, numbers.Integral) and w >= -1 for w in window_size)):
-        raise ValueError(f"window_size must be a pair of ints >= -1 (-1: unbounded), "
-                         f"got {window_size!r}")
-    if causal_align not in CAUSAL_ALIGNS:
-        raise ValueError(f"causal_align must be one of {CAUSAL_ALIGNS}, got {causal_align!r}")
-    left, right = int(window_size[0]), int(window_size[1])
-    if causal:
-        right = 0
+    softmax_scale, softcap, (left, right) = _score_options(
+        d, softmax_scale, softcap, window_size, causal, causal_align)
     diag_off = sk - sq if causal_align == "bottom_right" else 0
-
-    alibi = None
-    if alibi_slopes is not None:
-        alibi = _arrays.view(alibi_slopes, "alibi_slopes")
-        _same_place(alibi, qv, "alibi_slopes")
-        if alibi.dtype != "float32":
-            raise TypeError(f"alibi_slopes.dtype must be float32, got {alibi.dtype}")
-        if alibi.shape not in ((hq,), (batch, hq)):
-            raise ValueError(f"alibi_slopes.shape must be ({hq},) or ({batch}, {hq}), "
-                             f"got {alibi.shape}")
+    alibi = _alibi_view(alibi_slopes, qv, batch, hq)
 
     bias_view, bias_strides = None, (0, 0, 0, 0)
     if bias is not None:
@@ -171,7 +184,7 @@ def _prepare(q, k, v, *, dropout_p, softmax_scale, causal, window_size, softcap,
     device = detect(qv.device)
     plan = select_plan(device, problem, only=forced_path())
     return _Prepared(device, problem, plan, qv, kv, vv, bias_view, bias_strides, alibi,
-                     float(softmax_scale), float(softcap), (left, right), diag_off)
+                     softmax_scale, softcap, (left, right), diag_off)
 
 
 def _vector_ok(x: _arrays.ArrayView) -> bool:

@@ -2,7 +2,6 @@
 keys/values appended in place, GQA packing and split-KV (Flash-Decoding)."""
 from __future__ import annotations
 
-import math
 import numbers
 import os
 from dataclasses import dataclass
@@ -10,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _arrays
-from .api import CAUSAL_ALIGNS, LOG2E, _check_4d, _same_place, _vector_ok
+from .api import LOG2E, _alibi_view, _check_4d, _same_place, _score_options, _vector_ok
 from .arch import detect, forced_path
 from .arch.device import DeviceInfo
 from .arch.plan_decode import (MAX_SPLITS, DecodePlan, DecodeProblem,
@@ -184,19 +183,8 @@ def _prepare(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_ta
         raise ValueError(f"cache_seqlens is required when appending k/v (seqlen_new = {s_new}):"
                          f" without it the cache is taken as full ({capacity} keys)")
 
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(d)
-    if not isinstance(softmax_scale, numbers.Real) or not math.isfinite(softmax_scale):
-        raise ValueError(f"softmax_scale must be a finite float, got {softmax_scale!r}")
-    if not isinstance(softcap, numbers.Real) or not (math.isfinite(softcap) and softcap >= 0):
-        raise ValueError(f"softcap must be a finite float >= 0, got {softcap!r}")
-    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
-            or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= -1
-                       for w in window_size)):
-        raise ValueError(f"window_size must be a pair of ints >= -1 (-1: unbounded), "
-                         f"got {window_size!r}")
-    if causal_align not in CAUSAL_ALIGNS:
-        raise ValueError(f"causal_align must be one of {CAUSAL_ALIGNS}, got {causal_align!r}")
+    softmax_scale, softcap, (left, right) = _score_options(
+        d, softmax_scale, softcap, window_size, causal, causal_align)
     if (not isinstance(num_splits, numbers.Integral) or isinstance(num_splits, bool)
             or not 0 <= num_splits <= MAX_SPLITS):
         raise ValueError(f"num_splits must be an int in 0..{MAX_SPLITS} (0: the plan chooses), "
@@ -207,19 +195,7 @@ def _prepare(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_ta
                        ("check_indices", check_indices)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
-    left, right = int(window_size[0]), int(window_size[1])
-    if causal:
-        right = 0
-
-    alibi = None
-    if alibi_slopes is not None:
-        alibi = _arrays.view(alibi_slopes, "alibi_slopes")
-        _same_place(alibi, qv, "alibi_slopes")
-        if alibi.dtype != "float32":
-            raise TypeError(f"alibi_slopes.dtype must be float32, got {alibi.dtype}")
-        if alibi.shape not in ((hq,), (batch, hq)):
-            raise ValueError(f"alibi_slopes.shape must be ({hq},) or ({batch}, {hq}), "
-                             f"got {alibi.shape}")
+    alibi = _alibi_view(alibi_slopes, qv, batch, hq)
 
     # Index values live on the GPU: one host copy each checks them before any launch.
     longest = capacity if seq_view is not None or cache_seqlens is None else seqlen_const + s_new
@@ -259,7 +235,7 @@ def _prepare(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_ta
     device = detect(qv.device)
     plan = select_decode_plan(device, problem, only=forced_path())
     return _KV(device, problem, plan, qv, kc, vc, kn, vn, seq_view, seqlen_const, cidx, table,
-               alibi, capacity, float(softmax_scale), float(softcap), (left, right),
+               alibi, capacity, softmax_scale, softcap, (left, right),
                causal_align == "top_left")
 
 
