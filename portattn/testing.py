@@ -204,3 +204,29 @@ def _bool_to_device(mask: np.ndarray, kind: str):
         return torch.from_numpy(np.ascontiguousarray(mask)).to("cuda")
     import cupy
     return cupy.asarray(mask)
+
+
+def plannable_archs() -> tuple:
+    """None (native) and every table arch this GPU can stand in for (PORTATTN_ARCH); just
+    (None,) without a GPU, so GPU tests still collect (and skip) on a CPU machine."""
+    from .arch import KNOWN_CCS
+    try:
+        import cupy
+        real = int(cupy.cuda.Device().compute_capability)
+    except Exception:
+        return (None,)
+    return (None,) + tuple(c for c in KNOWN_CCS if c <= real)
+
+
+BIAS_SHAPES = ("full", "sq_sk", "per_batch_keys", "per_head_rows")
+
+
+def random_bias(rng: np.random.Generator, spec: str, b: int, h: int, sq: int, sk: int):
+    """A bias for the GPU tests from "<shape>:<float|bool>", shape one of BIAS_SHAPES
+    (broadcastable to (b, h, sq, sk)); bool masks keep about 80% of the keys."""
+    shape_name, kind = spec.split(":")
+    shape = {"full": (b, h, sq, sk), "sq_sk": (sq, sk), "per_batch_keys": (b, 1, 1, sk),
+             "per_head_rows": (1, h, sq, 1)}[shape_name]
+    if kind == "bool":
+        return rng.random(shape) < 0.8
+    return rng.standard_normal(shape).astype(np.float32)

@@ -16,27 +16,17 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import portattn
-from portattn.testing import check_backward, forced_arch, random_inputs, to_numpy
+from portattn.testing import (BIAS_SHAPES, check_backward, forced_arch, plannable_archs,
+                              random_bias, random_inputs, to_numpy)
 
 pytestmark = pytest.mark.gpu
 
 HEAD_DIMS = (1, 16, 40, 64, 72, 128, 200, 256)
 SEQLENS = st.one_of(st.integers(1, 160), st.sampled_from((1, 17, 97)))
 WINDOW_SIDES = (-1, 0, 1, 5, 33)
-BIAS_SHAPES = ("full", "sq_sk", "per_batch_keys", "per_head_rows")
 
 
-def _archs():
-    try:
-        import cupy
-        real = int(cupy.cuda.Device().compute_capability)
-    except Exception:
-        return (None,)
-    from portattn.arch import KNOWN_CCS
-    return (None,) + tuple(c for c in KNOWN_CCS if c <= real)
-
-
-ARCHS = _archs()
+ARCHS = plannable_archs()
 
 
 @dataclass(frozen=True)
@@ -83,15 +73,6 @@ def cases(draw):
     )
 
 
-def _bias_array(rng, spec: str, b, h, sq, sk):
-    shape_name, kind = spec.split(":")
-    shape = {"full": (b, h, sq, sk), "sq_sk": (sq, sk), "per_batch_keys": (b, 1, 1, sk),
-             "per_head_rows": (1, h, sq, 1)}[shape_name]
-    if kind == "bool":
-        return rng.random(shape) < 0.8
-    return rng.standard_normal(shape).astype(np.float32)
-
-
 def make_arrays(case: Case):
     rng = np.random.default_rng(case.seed)
     hq = case.hkv * case.group
@@ -105,7 +86,7 @@ def make_arrays(case: Case):
         shape = (hq,) if case.alibi == "heads" else (case.batch, hq)
         arrays["alibi_slopes"] = rng.uniform(0.0, 0.5, shape).astype(np.float32)
     if case.bias:
-        arrays["bias"] = _bias_array(rng, case.bias, case.batch, hq, case.sq, case.sk)
+        arrays["bias"] = random_bias(rng, case.bias, case.batch, hq, case.sq, case.sk)
     return arrays
 
 

@@ -13,31 +13,14 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import portattn
-from portattn.arch import KNOWN_CCS
-from portattn.testing import (check_forward, forced_arch, forced_path, random_inputs,
-                              to_numpy)
+from portattn.testing import (BIAS_SHAPES, check_forward, forced_arch, forced_path,
+                              plannable_archs, random_bias, random_inputs, to_numpy)
 
 pytestmark = pytest.mark.gpu
 
 HEAD_DIMS = (1, 16, 40, 64, 72, 96, 128, 200, 256)
 SEQLENS = st.one_of(st.integers(1, 300), st.sampled_from((1, 17, 97, 1025)))
 WINDOW_SIDES = (-1, 0, 1, 5, 33, 200)
-BIAS_SHAPES = ("full", "sq_sk", "per_batch_keys", "per_head_rows")
-
-
-def _real_cc():
-    import cupy
-    dev = cupy.cuda.Device()
-    return int(dev.compute_capability)
-
-
-def plannable_archs():
-    """None (native) and every table arch this GPU can stand in for."""
-    try:
-        real = _real_cc()
-    except Exception:
-        return (None,)
-    return (None,) + tuple(c for c in KNOWN_CCS if c <= real)
 
 
 ARCHS = plannable_archs()
@@ -86,15 +69,6 @@ def cases(draw):
     )
 
 
-def _bias_array(rng, spec: str, b, h, sq, sk):
-    shape_name, kind = spec.split(":")
-    shape = {"full": (b, h, sq, sk), "sq_sk": (sq, sk), "per_batch_keys": (b, 1, 1, sk),
-             "per_head_rows": (1, h, sq, 1)}[shape_name]
-    if kind == "bool":
-        return rng.random(shape) < 0.8
-    return rng.standard_normal(shape).astype(np.float32)
-
-
 def run_case(case: Case):
     rng = np.random.default_rng(case.seed)
     hq = case.hkv * case.group
@@ -107,7 +81,7 @@ def run_case(case: Case):
         shape = (hq,) if case.alibi == "heads" else (case.batch, hq)
         arrays["alibi_slopes"] = rng.uniform(0.0, 0.5, shape).astype(np.float32)
     if case.bias:
-        arrays["bias"] = _bias_array(rng, case.bias, case.batch, hq, case.sq, case.sk)
+        arrays["bias"] = random_bias(rng, case.bias, case.batch, hq, case.sq, case.sk)
     kwargs = dict(causal=case.causal, causal_align=case.align, window_size=case.window,
                   softcap=case.softcap)
     with forced_arch(case.arch):

@@ -14,23 +14,13 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import portattn
-from portattn.arch import KNOWN_CCS
 from portattn.reference import attention_kvcache_ref
-from portattn.testing import (compare, forced_arch, poisoned_outputs, random_inputs,
-                              to_device, to_numpy)
+from portattn.testing import (compare, forced_arch, plannable_archs, poisoned_outputs,
+                              random_inputs, to_device, to_numpy)
 
 pytestmark = pytest.mark.gpu
 
 HEAD_DIMS = (16, 40, 64, 72, 128, 200, 256)
-
-
-def plannable_archs():
-    try:
-        import cupy
-        real = int(cupy.cuda.Device().compute_capability)
-    except Exception:
-        return (None,)
-    return (None,) + tuple(c for c in KNOWN_CCS if c <= real)
 
 
 ARCHS = plannable_archs()

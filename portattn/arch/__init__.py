@@ -11,5 +11,5 @@ __all__ = [
     "Plan", "all_bwd_specs_for", "select_bwd_plan",
     "Problem", "all_specs_for", "detect", "device_from_arch", "facts_for", "forced_arch",
     "forced_path",
-    "all_decode_specs_for", "parse_arch", "select_decode_plan", "select_plan",
+    "DecodePlan", "DecodeProblem", "all_decode_specs_for", "parse_arch", "select_decode_plan", "select_plan",
 ]
