@@ -7,7 +7,8 @@ USAGE = """usage: portattn {report,bench} [options]
   report   the GPU, its limits, and the plan (path, tiles, reason) per dtype x head dim;
            --arch sm_75 plans for a table arch with no GPU; --json; --selftest
   bench    TFLOP/s of portattn's paths next to torch SDPA's backends and this GPU's peaks;
-           --mode decode: KV-cache decoding vs this GPU's copy bandwidth and SDPA"""
+           --mode fwd (default) | fwd_bwd (forward + backward) | bwd_memory (backward's
+           extra memory at 32k/64k) | decode (KV-cache decoding vs copy bandwidth)"""
 
 
 def main(argv=None) -> int:
