@@ -313,6 +313,19 @@ def _diagonal_offset(sq: int, sk: int, align: str) -> int:
     return sk - sq if align == "bottom_right" else 0
 
 
+def _window(sq: int, sk: int, opts, work):
+    """(allowed (sq, sk) bool, |i + off - j| in ``work``): the window and causal mask and the
+    ALiBi distance, from the options' alignment and (left, right)."""
+    off = _diagonal_offset(sq, sk, opts.causal_align)
+    rel = np.arange(sq)[:, None] + off - np.arange(sk)[None, :]
+    allowed = np.ones((sq, sk), dtype=bool)
+    if opts.left >= 0:
+        allowed &= rel <= opts.left
+    if opts.right >= 0:
+        allowed &= -rel <= opts.right
+    return allowed, np.abs(rel).astype(work)
+
+
 def _attend(q, k, v, opts: _Options, slopes, bias, dropout_mask, want_probs: bool):
     """Core of every public function, on validated inputs.
 
@@ -332,14 +345,7 @@ def _attend(q, k, v, opts: _Options, slopes, bias, dropout_mask, want_probs: boo
     q, k, v = prepare(q), prepare(k), prepare(v)
     kv_head = np.arange(hq) // (hq // hkv)
 
-    off = _diagonal_offset(sq, sk, opts.causal_align)
-    rel = np.arange(sq)[:, None] + off - np.arange(sk)[None, :]
-    allowed = np.ones((sq, sk), dtype=bool)
-    if opts.left >= 0:
-        allowed &= rel <= opts.left
-    if opts.right >= 0:
-        allowed &= -rel <= opts.right
-    distance = np.abs(rel).astype(work)
+    allowed, distance = _window(sq, sk, opts, work)
 
     scale = work(opts.softmax_scale)
     softcap = work(opts.softcap)
@@ -529,14 +535,7 @@ def _attend_grad(q, k, v, dout, opts: _Options, slopes, bias, dropout_mask, out_
 
     q, k, v, dout = prepare(q), prepare(k), prepare(v), prepare(dout)
     kv_head = np.arange(hq) // group
-    off = _diagonal_offset(sq, sk, opts.causal_align)
-    rel = np.arange(sq)[:, None] + off - np.arange(sk)[None, :]
-    allowed = np.ones((sq, sk), dtype=bool)
-    if opts.left >= 0:
-        allowed &= rel <= opts.left
-    if opts.right >= 0:
-        allowed &= -rel <= opts.right
-    distance = np.abs(rel).astype(work)
+    allowed, distance = _window(sq, sk, opts, work)
     scale = work(opts.softmax_scale)
     softcap = work(opts.softcap)
     keep_scale = work(1.0) / (work(1.0) - work(opts.dropout_p))

@@ -14,19 +14,9 @@ from portattn.arch import GATE_CCS, Problem, device_from_arch, select_bwd_plan
 from portattn.arch.plan_bwd import BWD_STAGES, all_bwd_specs_for, simt_bwd_regs
 from portattn.spec import KernelSpec
 
-TYPESTR = {"float16": "<f2", "float32": "<f4", "bool": "|b1", "int32": "<i4"}
+from fakecuda import arr
+
 B, SQ, SK, HQ, HKV, D = 2, 8, 16, 4, 2, 64
-
-
-class FakeCudaArray:
-    def __init__(self, shape, dtype="float16", strides=None, ptr=1 << 20):
-        self.__cuda_array_interface__ = {
-            "shape": tuple(shape), "typestr": TYPESTR[dtype], "data": (ptr, False),
-            "strides": None if strides is None else tuple(strides), "version": 3}
-
-
-def arr(*shape, dtype="float16", strides=None):
-    return FakeCudaArray(shape, dtype, strides)
 
 
 class ReachedLaunch(Exception):

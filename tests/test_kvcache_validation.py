@@ -20,27 +20,10 @@ from portattn.arch.device import DeviceInfo
 from portattn.arch.plan_decode import (MAX_SPLITS, all_decode_specs_for, decode_head_dim,
                                        tc_head_dim)
 
-TYPESTR = {"float16": "<f2", "float32": "<f4", "int32": "<i4", "int64": "<i8",
-           "float64": "<f8"}
+from fakecuda import VALUES, arr
+
 B, SQ, HQ, HKV, D, S = 2, 1, 8, 2, 64, 128
 ENTRY_POINTS = [portattn.flash_attn_with_kvcache, portattn.explain_kvcache]
-_VALUES = {}
-_next_ptr = [1 << 20]
-
-
-class FakeCudaArray:
-    def __init__(self, shape, dtype="float16", values=None):
-        _next_ptr[0] += 1 << 12
-        self.ptr = _next_ptr[0]
-        self.__cuda_array_interface__ = {"shape": tuple(shape), "typestr": TYPESTR[dtype],
-                                         "data": (self.ptr, False), "strides": None,
-                                         "version": 3}
-        if values is not None:
-            _VALUES[self.ptr] = np.asarray(values, dtype=np.int64).reshape(shape)
-
-
-def arr(*shape, dtype="float16", values=None):
-    return FakeCudaArray(shape, dtype, values)
 
 
 def base(b=B, sq=SQ, hq=HQ, hkv=HKV, d=D, s=S, dtype="float16"):
@@ -57,7 +40,7 @@ def fakes(monkeypatch):
     monkeypatch.delenv("PORTATTN_ARCH", raising=False)
     monkeypatch.delenv("PORTATTN_PATH", raising=False)
     monkeypatch.setattr(_arrays, "_cai_device", lambda ptr, name: 0)
-    monkeypatch.setattr(kvcache, "_host_ints", lambda a: _VALUES[a.ptr])
+    monkeypatch.setattr(kvcache, "_host_ints", lambda a: VALUES[a.ptr])
 
     def fake_detect(device_id):
         raise ReachedDetect(device_id)

@@ -22,24 +22,10 @@ import portattn
 from portattn import _arrays, api
 from portattn.arch import device_from_arch
 
-TYPESTR = {"float16": "<f2", "float32": "<f4", "float64": "<f8", "bool": "|b1",
-           "int32": "<i4", "int16": "<i2"}
-ITEMSIZE = {"float16": 2, "float32": 4, "float64": 8, "bool": 1, "int32": 4, "int16": 2}
+from fakecuda import arr
+
 ENTRY_POINTS = [portattn.flash_attn_func, portattn.explain]
 B, SQ, SK, HQ, HKV, D = 2, 8, 16, 4, 2, 64
-
-
-class FakeCudaArray:
-    """A device array as any __cuda_array_interface__ producer (Numba, ...) describes it."""
-
-    def __init__(self, shape, dtype="float16", strides=None, ptr=1 << 20):
-        self.__cuda_array_interface__ = {
-            "shape": tuple(shape), "typestr": TYPESTR[dtype], "data": (ptr, False),
-            "strides": None if strides is None else tuple(strides), "version": 3}
-
-
-def arr(*shape, dtype="float16", strides=None):
-    return FakeCudaArray(shape, dtype, strides)
 
 
 def qkv(b=B, sq=SQ, sk=SK, hq=HQ, hkv=HKV, d=D, dtype="float16"):
