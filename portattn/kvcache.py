@@ -318,8 +318,8 @@ def _refuse_autograd(q: _arrays.ArrayView) -> None:
     import torch
     if torch.is_grad_enabled() and q.obj.requires_grad:
         raise NotImplementedError(
-            "portattn has no backward pass yet: call under torch.no_grad() (or detach q) "
-            "for inference")
+            "flash_attn_with_kvcache has no backward pass (flash_attn's has none either): "
+            "call under torch.no_grad() (or detach q) for inference")
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None,
