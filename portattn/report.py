@@ -1,5 +1,6 @@
 """`python -m portattn report`: the GPU, its limits and versions, and the plan for every
-dtype x head-dim bucket x causal, each with its reason. Works with no GPU (--arch)."""
+dtype x head-dim bucket x causal, each with its reason, plus the backward plan per dtype x
+head-dim bucket. Works with no GPU (--arch)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,8 @@ import json
 import numpy as np
 
 from . import __version__
-from .arch import GATE_CCS, Problem, detect, device_from_arch, parse_arch, select_plan
+from .arch import (GATE_CCS, Problem, detect, device_from_arch, parse_arch, select_bwd_plan,
+                   select_plan)
 from .arch.detect import gpu_status
 from .spec import DTYPES, HEAD_DIM_BUCKETS
 
@@ -26,6 +28,19 @@ def plan_rows(device):
     return rows
 
 
+def bwd_plan_rows(device):
+    rows = []
+    for dtype in DTYPES:
+        for d in HEAD_DIM_BUCKETS:
+            plan = select_bwd_plan(device, Problem(dtype=dtype, head_dim=d))
+            spec = plan.spec("dkdv")
+            rows.append({"dtype": dtype, "head_dim": d, "path": plan.path,
+                         "block_m": spec.block_m, "block_n": spec.block_n,
+                         "threads": spec.threads, "smem_bytes": plan.smem_bytes,
+                         "ctas_per_sm": plan.ctas_per_sm, "reason": plan.reason})
+    return rows
+
+
 def device_dict(dev) -> dict:
     f = dev.facts
     return {"name": dev.name or None, "has_gpu": dev.has_gpu, "real_cc": dev.real_cc,
@@ -36,7 +51,7 @@ def device_dict(dev) -> dict:
             "nvrtc_archs": list(dev.nvrtc_archs)}
 
 
-def format_report(dev, rows, no_gpu_reason: str = "") -> str:
+def format_report(dev, rows, no_gpu_reason: str = "", bwd_rows=()) -> str:
     f = dev.facts
     out = [f"portattn {__version__} capability report"]
     if dev.has_gpu:
@@ -67,6 +82,14 @@ def format_report(dev, rows, no_gpu_reason: str = "") -> str:
                    f"{str(r['block_m']) + 'x' + str(r['block_n']):>7} {r['threads']:>4} "
                    f"{str(r['smem_bytes'] // 1024) + ' KB':>7} {r['ctas_per_sm']:>6}  "
                    f"{r['reason']}")
+    if bwd_rows:
+        out.append("")
+        out.append("backward (dK/dV tile; the same tile computes dQ in deterministic mode):")
+        for r in bwd_rows:
+            out.append(f"{r['dtype']:9} {r['head_dim']:>4} {'':6} {r['path']:5} "
+                       f"{str(r['block_m']) + 'x' + str(r['block_n']):>7} {r['threads']:>4} "
+                       f"{str(r['smem_bytes'] // 1024) + ' KB':>7} {r['ctas_per_sm']:>6}  "
+                       f"{r['reason']}")
     out.append("")
     out.append("paths not taken:")
     for dtype in DTYPES:
@@ -147,11 +170,12 @@ def main(argv) -> int:
         print(f"no CUDA GPU: {why}\nUse --arch sm_XX to print the plans for an arch "
               f"from the table.")
         return 0 if not a.selftest else 1
-    rows = plan_rows(dev)
+    rows, bwd_rows = plan_rows(dev), bwd_plan_rows(dev)
     if a.json:
-        print(json.dumps({"device": device_dict(dev), "plans": rows}, indent=1))
+        print(json.dumps({"device": device_dict(dev), "plans": rows,
+                          "backward_plans": bwd_rows}, indent=1))
     else:
-        print(format_report(dev, rows, "" if ok else why))
+        print(format_report(dev, rows, "" if ok else why, bwd_rows))
     if a.selftest:
         if not ok:
             print(f"selftest needs a GPU: {why}")

@@ -18,7 +18,7 @@ import pytest
 
 from portattn import report as report_mod
 from portattn.__main__ import main
-from portattn.arch import Problem, device_from_arch, select_plan
+from portattn.arch import Problem, device_from_arch, select_bwd_plan, select_plan
 from portattn.spec import DTYPES, HEAD_DIM_BUCKETS
 from portattn.testing import EPS, compare
 
@@ -69,6 +69,9 @@ def test_report_arch_text(capsys, arch, facts_line):
     assert facts_line in out.splitlines()
     assert f"no CUDA GPU: {NO_GPU_WHY}" in out
     assert f"plans below are for {arch} from the arch table" in out
+    lines = out.splitlines()
+    bwd = lines.index("backward (dK/dV tile; the same tile computes dQ in deterministic mode):")
+    assert all(line.split()[2] == "simt" for line in lines[bwd + 1:bwd + 25])
     rows = rows_of(out)
     assert len(rows) == 48
     assert {(r[0], int(r[1]), r[2]) for r in rows} == \
@@ -123,7 +126,7 @@ def test_report_json_sm90(capsys):
     rc, out, err = run(capsys, "report", "--arch", "sm_90", "--json")
     assert rc == 0 and err == ""
     data = json.loads(out)
-    assert set(data) == {"device", "plans"}
+    assert set(data) == {"device", "plans", "backward_plans"}
     dev = data["device"]
     assert dev["plan_arch"] == "sm_90" and dev["has_gpu"] is False and dev["sm_count"] is None
     assert dev["smem_per_block"] == 227 * 1024 and dev["smem_per_sm"] == 228 * 1024
@@ -141,6 +144,15 @@ def test_report_json_sm90(capsys):
         assert (p["block_m"], p["block_n"], p["threads"], p["smem_bytes"], p["ctas_per_sm"]) == \
             (plan.spec.block_m, plan.spec.block_n, plan.spec.threads, plan.smem_bytes,
              plan.ctas_per_sm)
+    bwd = data["backward_plans"]
+    assert len(bwd) == 24 and {(p["dtype"], p["head_dim"]) for p in bwd} == \
+        {(dt, d) for dt in DTYPES for d in HEAD_DIM_BUCKETS}
+    for p in bwd:
+        plan = select_bwd_plan(table_dev, Problem(p["dtype"], p["head_dim"]))
+        spec = plan.spec("dkdv")
+        assert (p["path"], p["block_m"], p["block_n"], p["threads"], p["smem_bytes"]) == \
+            (plan.path, spec.block_m, spec.block_n, spec.threads, plan.smem_bytes)
+        assert p["smem_bytes"] <= dev["smem_per_block"] and p["reason"] == plan.reason
 
 
 # ----------------------------------------------------------------- no GPU and errors
