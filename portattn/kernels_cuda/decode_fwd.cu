@@ -38,6 +38,19 @@ __device__ __forceinline__ int row_seqlen(const int* seqlens, int seqlen_const, 
   return min(max(cached, 0) + s_new, capacity);
 }
 
+// The keys any row of a decode tile can see (rows r0 .. r0 + rows - 1; row r is query r / group
+// of the packed GQA heads), then split ``split``'s even share [lo, hi) of them.
+__device__ __forceinline__ void split_key_range(int r0, int rows, int group, int win_left,
+                                                int win_right, int diag_off, int sk,
+                                                int num_splits, int split, int& lo, int& hi) {
+  const int i_first = r0 / group, i_last = (r0 + rows - 1) / group;
+  const int n_lo = win_left >= 0 ? max(0, i_first + diag_off - win_left) : 0;
+  const int n_hi = win_right >= 0 ? min(sk, i_last + diag_off + win_right + 1) : sk;
+  const int chunk = (max(0, n_hi - n_lo) + num_splits - 1) / num_splits;
+  lo = n_lo + split * chunk;
+  hi = min(n_hi, lo + chunk);
+}
+
 // Element offsets (K, V) of logical key j of batch row b: a page of the block table, or a
 // row of the contiguous cache (cache_idx picks it). Page indices are clamped for the same
 // reason as the length.
@@ -47,6 +60,21 @@ struct KeyLocator {
   long long row_k, row_v;
   long long k_sb, k_ss, v_sb, v_ss;
   int page_size, page_shift, num_blocks;
+
+  // Batch row b's cache (its block-table row, or its cache row: cache_batch_idx clamped
+  // into the cache like every index the kernels read) for KV head hk.
+  __device__ __forceinline__ KeyLocator(const int* block_table, long long bt_sb,
+                                        const int* cache_idx, int b, int hk, long long k_sb,
+                                        long long k_sh, long long k_ss, long long v_sb,
+                                        long long v_sh, long long v_ss, int page_size,
+                                        int page_shift, int num_blocks)
+      : table(block_table ? block_table + b * bt_sb : nullptr),
+        k_sb(k_sb), k_ss(k_ss), v_sb(v_sb), v_ss(v_ss), page_size(page_size),
+        page_shift(page_shift), num_blocks(num_blocks) {
+    const long long crow = cache_idx ? min(max(__ldg(cache_idx + b), 0), num_blocks - 1) : b;
+    row_k = crow * k_sb + hk * k_sh;
+    row_v = crow * v_sb + hk * v_sh;
+  }
 
   __device__ __forceinline__ void locate(int j, long long& ok, long long& ov) const {
     if (table) {
@@ -173,22 +201,11 @@ __global__ void __launch_bounds__(NT) decode_fwd_kernel(PORTATTN_DECODE_PARAMS(T
     l_i[r] = 0.f;
   }
 
-  // Keys any row of this tile can see, then this split's even share of them.
-  const int i_first = r0 / group, i_last = (r0 + rows - 1) / group;
-  const int n_lo = win_left >= 0 ? max(0, i_first + diag_off - win_left) : 0;
-  const int n_hi = win_right >= 0 ? min(sk, i_last + diag_off + win_right + 1) : sk;
-  const int span = max(0, n_hi - n_lo);
-  const int chunk = (span + num_splits - 1) / num_splits;
-  const int lo = n_lo + split * chunk;
-  const int hi = min(n_hi, lo + chunk);
+  int lo, hi;
+  split_key_range(r0, rows, group, win_left, win_right, diag_off, sk, num_splits, split, lo, hi);
 
-  KeyLocator loc;
-  loc.table = block_table ? block_table + b * bt_sb : nullptr;
-  const long long crow = cache_idx ? min(max(__ldg(cache_idx + b), 0), num_blocks - 1) : b;
-  loc.row_k = crow * k_sb + hk * k_sh;
-  loc.row_v = crow * v_sb + hk * v_sh;
-  loc.k_sb = k_sb; loc.k_ss = k_ss; loc.v_sb = v_sb; loc.v_ss = v_ss;
-  loc.page_size = page_size; loc.page_shift = page_shift; loc.num_blocks = num_blocks;
+  const KeyLocator loc(block_table, bt_sb, cache_idx, b, hk, k_sb, k_sh, k_ss, v_sb, v_sh,
+                       v_ss, page_size, page_shift, num_blocks);
   const T* kbase = kc + (block_table ? hk * k_sh : 0) + d0;
   const T* vbase = vc + (block_table ? hk * v_sh : 0) + d0;
   const bool kvec = vec_flags & 2, vvec = vec_flags & 4;
@@ -448,21 +465,11 @@ __global__ void __launch_bounds__(NT) decode_tc_kernel(PORTATTN_DECODE_PARAMS(T)
       q_park[c * 32] = make_uint4(qa[c][0], qa[c][1], qa[c][2], qa[c][3]);
   }
 
-  const int i_first = r0 / group, i_last = (r0 + rows - 1) / group;
-  const int n_lo = win_left >= 0 ? max(0, i_first + diag_off - win_left) : 0;
-  const int n_hi = win_right >= 0 ? min(sk, i_last + diag_off + win_right + 1) : sk;
-  const int span = max(0, n_hi - n_lo);
-  const int chunk = (span + num_splits - 1) / num_splits;
-  const int lo = n_lo + split * chunk;
-  const int hi = min(n_hi, lo + chunk);
+  int lo, hi;
+  split_key_range(r0, rows, group, win_left, win_right, diag_off, sk, num_splits, split, lo, hi);
 
-  KeyLocator loc;
-  loc.table = block_table ? block_table + b * bt_sb : nullptr;
-  const long long crow = cache_idx ? min(max(__ldg(cache_idx + b), 0), num_blocks - 1) : b;
-  loc.row_k = crow * k_sb + hk * k_sh;
-  loc.row_v = crow * v_sb + hk * v_sh;
-  loc.k_sb = k_sb; loc.k_ss = k_ss; loc.v_sb = v_sb; loc.v_ss = v_ss;
-  loc.page_size = page_size; loc.page_shift = page_shift; loc.num_blocks = num_blocks;
+  const KeyLocator loc(block_table, bt_sb, cache_idx, b, hk, k_sb, k_sh, k_ss, v_sb, v_sh,
+                       v_ss, page_size, page_shift, num_blocks);
   const T* kbase = kc + (block_table ? hk * k_sh : 0) + 8 * t;
   const T* vbase = vc + (block_table ? hk * v_sh : 0) + 8 * g;
 
