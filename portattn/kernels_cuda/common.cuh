@@ -153,6 +153,30 @@ struct ScoreMods {
   int bias_kind;         // 1 float32, 2 float16, 3 bfloat16, 4 bool (nonzero keeps)
   int win_left, win_right, diag_off, sq, sk;
 
+  // The modifiers of one (batch, head) from the kernel arguments every family shares.
+  static __device__ __forceinline__ ScoreMods for_head(
+      int b, int h, const void* bias, int bias_kind, long long bias_sb, long long bias_sh,
+      long long bias_sq, long long bias_sk, const float* alibi, long long alibi_sb,
+      long long alibi_sh, float softcap_log2, int win_left, int win_right, int diag_off,
+      int sq, int sk) {
+    ScoreMods m;
+    const int elem = bias_kind == 1 ? 4 : bias_kind == 4 ? 1 : 2;
+    m.softcap_log2 = softcap_log2;
+    m.alibi_log2 = alibi ? kLog2e * alibi[b * alibi_sb + h * alibi_sh] : 0.f;
+    m.bias_kind = bias_kind;
+    m.bias = bias_kind ? static_cast<const void*>(static_cast<const char*>(bias) +
+                                                  (b * bias_sb + h * bias_sh) * elem)
+                       : nullptr;
+    m.bias_sq = bias_sq;
+    m.bias_sk = bias_sk;
+    m.win_left = win_left;
+    m.win_right = win_right;
+    m.diag_off = diag_off;
+    m.sq = sq;
+    m.sk = sk;
+    return m;
+  }
+
   __device__ __forceinline__ bool any() const {
     return softcap_log2 > 0.f || alibi_log2 != 0.f || bias_kind != 0;
   }
@@ -209,21 +233,10 @@ struct CtaScores {
                                        long long bias_sk, const float* alibi,
                                        long long alibi_sb, long long alibi_sh,
                                        float softcap_log2, int win_left, int win_right,
-                                       int diag_off, int sq, int sk) {
-    const int elem = bias_kind == 1 ? 4 : bias_kind == 4 ? 1 : 2;
-    mods.softcap_log2 = softcap_log2;
-    mods.alibi_log2 = alibi ? kLog2e * alibi[t.b * alibi_sb + t.h * alibi_sh] : 0.f;
-    mods.bias_kind = bias_kind;
-    mods.bias = bias_kind ? static_cast<const void*>(static_cast<const char*>(bias) +
-                                                     (t.b * bias_sb + t.h * bias_sh) * elem)
-                          : nullptr;
-    mods.bias_sq = bias_sq;
-    mods.bias_sk = bias_sk;
-    mods.win_left = win_left;
-    mods.win_right = win_right;
-    mods.diag_off = diag_off;
-    mods.sq = sq;
-    mods.sk = sk;
+                                       int diag_off, int sq, int sk)
+      : mods(ScoreMods::for_head(t.b, t.h, bias, bias_kind, bias_sb, bias_sh, bias_sq,
+                                 bias_sk, alibi, alibi_sb, alibi_sh, softcap_log2, win_left,
+                                 win_right, diag_off, sq, sk)) {
     n_lo = win_left >= 0 ? max(0, t.m0 + diag_off - win_left) : 0;
     n_hi = win_right >= 0 ? min(sk, t.last_row + diag_off + win_right + 1) : sk;
   }

@@ -84,33 +84,6 @@ __device__ __forceinline__ void stage_cols(float* dst, const T* src, long long r
   }
 }
 
-// The same modifiers the forward's CtaScores builds, for any (batch, head): the dK/dV
-// kernel walks the heads of a group inside one CTA.
-__device__ __forceinline__ ScoreMods head_mods(int b, int h, const void* bias, int bias_kind,
-                                               long long bias_sb, long long bias_sh,
-                                               long long bias_sq, long long bias_sk,
-                                               const float* alibi, long long alibi_sb,
-                                               long long alibi_sh, float softcap_log2,
-                                               int win_left, int win_right, int diag_off,
-                                               int sq, int sk) {
-  ScoreMods m;
-  const int elem = bias_kind == 1 ? 4 : bias_kind == 4 ? 1 : 2;
-  m.softcap_log2 = softcap_log2;
-  m.alibi_log2 = alibi ? kLog2e * alibi[b * alibi_sb + h * alibi_sh] : 0.f;
-  m.bias_kind = bias_kind;
-  m.bias = bias_kind ? static_cast<const void*>(static_cast<const char*>(bias) +
-                                                (b * bias_sb + h * bias_sh) * elem)
-                     : nullptr;
-  m.bias_sq = bias_sq;
-  m.bias_sk = bias_sk;
-  m.win_left = win_left;
-  m.win_right = win_right;
-  m.diag_off = diag_off;
-  m.sq = sq;
-  m.sk = sk;
-  return m;
-}
-
 // S^T and dP^T for keys n0.. x queries m0.., then P and dS into shared memory ([BN][BM]).
 // Thread (ty, tx) owns keys ty*RK + r and queries tx + TX*e.
 template <int D, int BM, int BN, int NT, int TX>
@@ -274,9 +247,10 @@ __global__ void __launch_bounds__(NT, 1) simt_bwd_kernel(PORTATTN_BWD_PARAMS(T))
 
       for (int hh = 0; hh < group; ++hh) {
         const int h = hk * group + hh;
-        const ScoreMods mods = head_mods(b, h, bias, bias_kind, bias_sb, bias_sh, bias_sq,
-                                         bias_sk, alibi, alibi_sb, alibi_sh, softcap_log2,
-                                         win_left, win_right, diag_off, sq, sk);
+        const ScoreMods mods =
+            ScoreMods::for_head(b, h, bias, bias_kind, bias_sb, bias_sh, bias_sq, bias_sk,
+                                alibi, alibi_sb, alibi_sh, softcap_log2, win_left, win_right,
+                                diag_off, sq, sk);
         for (int m0 = max(m_lo, 0) / BM * BM; m0 < m_hi; m0 += BM) {
           const int rows_valid = min(BM, sq - m0);
           stage_cols<T, BM, D, NT>(Qt, q + b * q_sb + h * q_sh, q_ss, m0, rows_valid, d,
