@@ -1,6 +1,7 @@
 """Zero-copy views of torch CUDA tensors and CuPy arrays: pointer, shape, strides, dtype."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 
@@ -30,6 +31,13 @@ class ArrayView:
         return self.device != "cpu"
 
 
+def with_leading_axis(x: ArrayView) -> ArrayView:
+    """The same memory seen with an extra leading axis of length 1 (e.g. a packed varlen
+    batch as a batch of one sequence)."""
+    lead = x.shape[0] * x.strides[0] if x.shape else 1
+    return dataclasses.replace(x, shape=(1,) + tuple(x.shape), strides=(lead,) + tuple(x.strides))
+
+
 def _is_torch(x) -> bool:
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(x, torch.Tensor)
@@ -41,6 +49,8 @@ def _is_cupy(x) -> bool:
 
 
 def view(x, name: str) -> ArrayView:
+    if isinstance(x, ArrayView):
+        return x
     if _is_torch(x):
         dtype = _TORCH_DTYPES.get(str(x.dtype), str(x.dtype).replace("torch.", ""))
         dev = x.device
@@ -115,6 +125,16 @@ def empty(like: ArrayView, shape, dtype: str):
         if poison_outputs:
             out.fill(float("nan"))
         return out
+
+
+def zeros(like: ArrayView, shape, dtype: str):
+    """``empty`` filled with zeros (never poisoned: the zeros are part of the result)."""
+    x = empty(like, shape, dtype)
+    if like.kind == "torch":
+        x.zero_()
+    else:
+        x.fill(0)
+    return x
 
 
 def _cupy_dtype(dtype: str):

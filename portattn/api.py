@@ -10,6 +10,7 @@ import numpy as np
 from . import _arrays
 from .arch import Plan, Problem, detect, forced_path, select_plan
 from .arch.device import DeviceInfo
+from .dropout import check_attn_probs, check_dropout_args
 from .spec import DTYPES, MAX_HEAD_DIM
 
 LOG2E = 1.4426950408889634
@@ -24,14 +25,20 @@ class Explanation:
     problem: Problem
     plan: Plan
     backward: object = None      # the BwdPlan loss.backward() would run, when grad is needed
+    dropout_p: float = 0.0       # a run-time argument of every kernel, not part of the plan
 
     def __str__(self) -> str:
         p = self.problem
         feats = [n for n, on in (("causal", p.causal), ("window", p.window != (-1, -1)),
                                  ("alibi", p.alibi), ("softcap", p.softcap), ("bias", p.bias)) if on]
+        if self.dropout_p > 0:
+            feats.append(f"dropout p={self.dropout_p:g} (Philox, same mask in the backward)")
+        shape = (f"varlen batch of {p.batch} sequences, max_seqlen_q {p.seqlen_q}, "
+                 f"max_seqlen_k {p.seqlen_k}" if p.varlen else
+                 f"batch {p.batch}, seqlen_q {p.seqlen_q}, seqlen_k {p.seqlen_k}")
         head = (f"portattn on {self.device.describe()}\n"
-                f"problem: {p.dtype}, batch {p.batch}, seqlen_q {p.seqlen_q}, seqlen_k "
-                f"{p.seqlen_k}, heads {p.nheads_q}/{p.nheads_kv}, head dim {p.head_dim}"
+                f"problem: {p.dtype}, {shape}, heads {p.nheads_q}/{p.nheads_kv}, "
+                f"head dim {p.head_dim}"
                 f"{', ' + ', '.join(feats) if feats else ''}")
         tail = "\n" + self.backward.describe() if self.backward is not None else ""
         return head + "\n" + self.plan.describe() + tail
@@ -51,14 +58,19 @@ class _Prepared:
     scale: float
     softcap: float
     window: tuple
-    diag_off: int
+    align_br: bool               # causal/window diagonal aligned bottom-right
+    varlen: object = None        # varlen.Varlen for a packed batch (q/k/v then (1, tokens, ...))
+    dropout_p: float = 0.0
+    dropout_seed: int | None = None    # None until flash_attn_func draws one (torch only)
+    dropout_offset: int = 0
 
 
 def _check_4d(x: _arrays.ArrayView, name: str) -> None:
     if len(x.shape) != 4:
         raise ValueError(f"{name} must have 4 dims (batch, seqlen, nheads, headdim), "
                          f"got shape {x.shape}")
-    if x.shape[-1] > 1 and x.strides[-1] != 1:
+    # An empty array's strides are arbitrary (torch gives (1, 1, ...) to some): nothing is read.
+    if x.shape[-1] > 1 and x.strides[-1] != 1 and all(x.shape):
         raise ValueError(f"{name}.stride(-1) must be 1 (contiguous head dim), got {x.strides[-1]}")
 
 
@@ -68,6 +80,27 @@ def _same_place(x: _arrays.ArrayView, ref: _arrays.ArrayView, name: str) -> None
     if x.device != ref.device:
         raise ValueError(f"{name} must be on the same device as q (cuda:{ref.device}), "
                          f"got {x.device if x.device == 'cpu' else f'cuda:{x.device}'}")
+
+
+def _int32_array(x, name: str, qv: _arrays.ArrayView, ndim: int, dims: str):
+    """An int32 index array on q's device (kvcache's and varlen's index arguments)."""
+    a = _arrays.view(x, name)
+    _same_place(a, qv, name)
+    if a.dtype != "int32":
+        raise TypeError(f"{name}.dtype must be int32, got {a.dtype}")
+    if len(a.shape) != ndim:
+        raise ValueError(f"{name} must have {ndim} dim(s) ({dims}), got shape {a.shape}")
+    if a.shape[-1] > 1 and a.strides[-1] != 1:
+        raise ValueError(f"{name}.stride(-1) must be 1 (contiguous), got {a.strides[-1]}")
+    return a
+
+
+def _host_ints(a: _arrays.ArrayView) -> np.ndarray:
+    """The values of a small device integer array (one copy to the host, which syncs)."""
+    if a.kind == "torch":
+        return a.obj.detach().cpu().numpy().astype(np.int64)
+    import cupy
+    return cupy.asnumpy(cupy.asarray(a.obj)).astype(np.int64)
 
 
 def _broadcast_strides(b: _arrays.ArrayView, target: tuple) -> tuple:
@@ -120,7 +153,8 @@ def _alibi_view(alibi_slopes, qv: _arrays.ArrayView, batch: int, hq: int):
 
 
 def _prepare(q, k, v, *, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-             deterministic, return_attn_probs, bias, causal_align) -> _Prepared:
+             deterministic, return_attn_probs, bias, causal_align, dropout_seed=None,
+             dropout_offset=0) -> _Prepared:
     qv, kv, vv = _arrays.view(q, "q"), _arrays.view(k, "k"), _arrays.view(v, "v")
     for name, x in (("q", qv), ("k", kv), ("v", vv)):
         if not x.on_gpu:
@@ -154,19 +188,12 @@ def _prepare(q, k, v, *, dropout_p, softmax_scale, causal, window_size, softcap,
             raise ValueError(f"{name}.shape[-1] (head dim) must equal q.shape[-1] = {d}, "
                              f"got {x.shape[3]}")
 
-    if not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    if dropout_p > 0.0:
-        raise NotImplementedError("dropout_p > 0 is not implemented yet in portattn; "
-                                  "pass dropout_p=0.0")
-    if return_attn_probs:
-        raise NotImplementedError("return_attn_probs=True is not implemented yet in portattn "
-                                  "(a debugging aid that arrives with dropout)")
+    dropout_p = check_dropout_args(dropout_p, dropout_seed, dropout_offset, qv.kind)
+    check_attn_probs(return_attn_probs, batch, hq, sq, sk)
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     softmax_scale, softcap, (left, right) = _score_options(
         d, softmax_scale, softcap, window_size, causal, causal_align)
-    diag_off = sk - sq if causal_align == "bottom_right" else 0
     alibi = _alibi_view(alibi_slopes, qv, batch, hq)
 
     bias_view, bias_strides = None, (0, 0, 0, 0)
@@ -184,7 +211,9 @@ def _prepare(q, k, v, *, dropout_p, softmax_scale, causal, window_size, softcap,
     device = detect(qv.device)
     plan = select_plan(device, problem, only=forced_path())
     return _Prepared(device, problem, plan, qv, kv, vv, bias_view, bias_strides, alibi,
-                     softmax_scale, softcap, (left, right), diag_off)
+                     softmax_scale, softcap, (left, right), causal_align == "bottom_right",
+                     dropout_p=dropout_p, dropout_seed=dropout_seed,
+                     dropout_offset=int(dropout_offset))
 
 
 def _vector_ok(x: _arrays.ArrayView) -> bool:
@@ -193,19 +222,39 @@ def _vector_ok(x: _arrays.ArrayView) -> bool:
     return x.ptr % 16 == 0 and all((s * x.itemsize) % 16 == 0 for s in strides)
 
 
-def _launch(p: _Prepared, with_lse: bool):
-    from .compile import get_function
-    import cupy
-    batch, sq, hq, d = p.q.shape
-    sk, hkv = p.k.shape[1], p.k.shape[2]
-    out = _arrays.empty(p.q, (batch, sq, hq, d), p.q.dtype)
-    ov = _arrays.view(out, "out")
-    lse = _arrays.empty(p.q, (batch, hq, sq), "float32") if with_lse else None
-    spec = p.plan.spec
-    num_mb = -(-sq // spec.block_m)
-    grid = num_mb * batch * hq
-    if grid == 0:
-        return out, lse
+def _dropout_args(p: _Prepared) -> tuple:
+    """The kernels' last four arguments (common.cuh): seed, offset, threshold, 1 / (1 - p);
+    threshold 0 and scale 1 when dropout is off."""
+    from .reference import dropout_threshold
+    threshold = dropout_threshold(p.dropout_p)
+    if threshold == 0:
+        return np.uint64(0), np.uint32(0), np.uint32(0), np.float32(1.0)
+    if p.dropout_seed is None:
+        raise ValueError("dropout_seed must be set before launching with dropout_p > 0")
+    return (np.uint64(p.dropout_seed), np.uint32(p.dropout_offset), np.uint32(threshold),
+            np.float32(1.0 / (1.0 - p.dropout_p)))
+
+
+def _seq_geometry(p: _Prepared):
+    """(sequences, seqlen_q, seqlen_k, cu_q ptr, cu_k ptr) the kernels' grid and SeqSpan
+    take: the dense shapes, or a varlen batch's count and longest lengths."""
+    vl = p.varlen
+    if vl is None:
+        return p.q.shape[0], p.q.shape[1], p.k.shape[1], 0, 0
+    return vl.nseq, vl.max_q, vl.max_k, vl.cu_q.ptr, vl.cu_k.ptr
+
+
+def _row_strides(x: _arrays.ArrayView, p: _Prepared) -> tuple:
+    """(batch, token, head) element strides; a varlen batch's tokens share one axis."""
+    return (0 if p.varlen is not None else x.strides[0], x.strides[1], x.strides[2])
+
+
+def _launch_args(p: _Prepared, ov: _arrays.ArrayView, lse_ptr: int) -> tuple:
+    """The forward kernels' arguments in PORTATTN_FWD_PARAMS order (common.cuh), with
+    out written through ``ov`` and lse to ``lse_ptr`` (0: not written)."""
+    _, tokens_q, hq, d = p.q.shape
+    hkv = p.k.shape[2]
+    _, sq, sk, cu_q, cu_k = _seq_geometry(p)
     i64, i32 = np.int64, np.int32
     bias_ptr = p.bias.ptr if p.bias is not None else 0
     alibi_ptr, alibi_sb, alibi_sh = 0, 0, 0
@@ -213,21 +262,38 @@ def _launch(p: _Prepared, with_lse: bool):
         alibi_ptr = p.alibi.ptr
         alibi_sb, alibi_sh = (0, p.alibi.strides[0]) if len(p.alibi.shape) == 1 else p.alibi.strides
     vec = (_vector_ok(p.q) << 0) | (_vector_ok(p.k) << 1) | (_vector_ok(p.v) << 2)
-    args = (
+    return (
         np.uint64(p.q.ptr), np.uint64(p.k.ptr), np.uint64(p.v.ptr), np.uint64(ov.ptr),
-        np.uint64(_arrays.view(lse, "lse").ptr if lse is not None else 0),
-        np.uint64(bias_ptr), np.uint64(alibi_ptr),
-        *(i64(s) for s in (p.q.strides[0], p.q.strides[1], p.q.strides[2])),
-        *(i64(s) for s in (p.k.strides[0], p.k.strides[1], p.k.strides[2])),
-        *(i64(s) for s in (p.v.strides[0], p.v.strides[1], p.v.strides[2])),
-        *(i64(s) for s in (ov.strides[0], ov.strides[1], ov.strides[2])),
+        np.uint64(lse_ptr),
+        np.uint64(bias_ptr), np.uint64(alibi_ptr), np.uint64(cu_q), np.uint64(cu_k),
+        *(i64(s) for s in _row_strides(p.q, p)), *(i64(s) for s in _row_strides(p.k, p)),
+        *(i64(s) for s in _row_strides(p.v, p)), *(i64(s) for s in _row_strides(ov, p)),
+        i64(0 if p.varlen is not None else hq * tokens_q), i64(tokens_q),
         *(i64(s) for s in p.bias_strides),
         i64(alibi_sb), i64(alibi_sh),
         i32(hq), i32(hq // hkv), i32(sq), i32(sk), i32(d),
-        i32(p.window[0]), i32(p.window[1]), i32(p.diag_off),
+        i32(p.window[0]), i32(p.window[1]), i32(p.align_br),
         np.float32(p.scale * LOG2E), np.float32(p.softcap * LOG2E),
         i32(_BIAS_KINDS[p.bias.dtype] if p.bias is not None else 0), i32(vec),
+        *_dropout_args(p),
     )
+
+
+def _launch(p: _Prepared, with_lse: bool):
+    from .compile import get_function
+    import cupy
+    batch, tokens_q, hq, d = p.q.shape
+    out = _arrays.empty(p.q, (batch, tokens_q, hq, d), p.q.dtype)
+    ov = _arrays.view(out, "out")
+    lse = _arrays.empty(p.q, (batch, hq, tokens_q), "float32") if with_lse else None
+    spec = p.plan.spec
+    nseq, sq, sk, cu_q, cu_k = _seq_geometry(p)
+    grid = -(-sq // spec.block_m) * nseq * hq
+    if p.varlen is not None:     # (total_q, h, d) and (h, total_q), flash_attn's varlen shapes
+        out, lse = out[0], (lse[0] if lse is not None else None)
+    if grid == 0:
+        return out, lse
+    args = _launch_args(p, ov, _arrays.view(lse, "lse").ptr if lse is not None else 0)
     fn = get_function(spec, p.q.device)
     with cupy.cuda.Device(p.q.device), _arrays.stream_for(p.q):
         fn((grid,), (spec.threads,), args, shared_mem=p.plan.smem_bytes)
@@ -237,7 +303,7 @@ def _launch(p: _Prepared, with_lse: bool):
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
                     return_attn_probs=False, *, bias=None, return_lse=False,
-                    causal_align="bottom_right"):
+                    causal_align="bottom_right", dropout_seed=None, dropout_offset=0):
     """Exact attention softmax(q k^T * scale [+ mods]) v, flash_attn's API and layout.
 
     q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_kv, headdim) with
@@ -252,6 +318,20 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
     (out, lse) with lse (batch, nheads, seqlen_q) float32, natural log, -inf for fully
     masked rows; ``causal_align``.
 
+    Dropout: ``dropout_p`` in [0, 1) drops each probability independently and scales the
+    kept ones by 1 / (1 - dropout_p) (lse stays the undropped softmax's). The mask is
+    reference.dropout_mask_ref(dropout_seed, dropout_offset, ...): Philox4x32-10, a pure
+    function of (seed, offset, batch, head, query, key), identical on every path and in
+    the backward. ``dropout_seed`` (int in [0, 2**64)) and ``dropout_offset`` (int in
+    [0, 2**32)) are keyword-only; with torch tensors and ``dropout_seed=None`` each call
+    draws a seed from torch's default CPU generator (one torch.randint, no device sync),
+    so ``torch.manual_seed`` makes runs reproducible, and the autograd Function keeps it
+    for the backward. CuPy arrays need an explicit ``dropout_seed`` (the caller must pass
+    the same seed to flash_attn_backward). ``return_attn_probs=True`` returns
+    ``(out, lse, S_dmask)`` as flash_attn does: S_dmask (batch, nheads, seqlen_q,
+    seqlen_k) float32 holds the softmax probabilities with dropped entries negated; a
+    debugging aid for batch * nheads * seqlen_q * seqlen_k <= 2**26.
+
     torch tensors that require grad go through a torch.autograd.Function: loss.backward()
     fills q.grad, k.grad and v.grad (SIMT backward kernels; ``deterministic=True`` makes
     the gradients bit-identical across runs). For CuPy arrays see
@@ -260,26 +340,37 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
     p = _prepare(q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
                  window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
                  deterministic=deterministic, return_attn_probs=return_attn_probs, bias=bias,
-                 causal_align=causal_align)
+                 causal_align=causal_align, dropout_seed=dropout_seed,
+                 dropout_offset=dropout_offset)
     from .backward import autograd_forward, needs_autograd
+    from .dropout import attn_probs, draw_seed
+    draw_seed(p)
     if needs_autograd(p):
         # The forward always writes lse here: the backward recomputes P from it.
         out, lse = autograd_forward(p, deterministic)
-        return (out, lse) if return_lse else out
-    out, lse = _launch(p, with_lse=return_lse)
+    else:
+        out, lse = _launch(p, with_lse=return_lse or return_attn_probs)
+    if return_attn_probs:
+        return out, lse, attn_probs(p, lse)
     return (out, lse) if return_lse else out
 
 
 def explain(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
-            bias=None, return_lse=False, causal_align="bottom_right") -> Explanation:
+            bias=None, return_lse=False, causal_align="bottom_right", dropout_seed=None,
+            dropout_offset=0) -> Explanation:
     """The plan flash_attn_func would run for these arguments (same validation, no launch)."""
     p = _prepare(q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
                  window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
                  deterministic=deterministic, return_attn_probs=return_attn_probs, bias=bias,
-                 causal_align=causal_align)
+                 causal_align=causal_align, dropout_seed=dropout_seed,
+                 dropout_offset=dropout_offset)
+    return _explanation(p)
+
+
+def _explanation(p: _Prepared) -> Explanation:
     from .arch.plan_bwd import select_bwd_plan
     from .backward import needs_autograd
     bwd = (select_bwd_plan(p.device, p.problem, only=forced_path()) if needs_autograd(p)
            else None)
-    return Explanation(p.device, p.problem, p.plan, bwd)
+    return Explanation(p.device, p.problem, p.plan, bwd, p.dropout_p)

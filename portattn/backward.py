@@ -13,16 +13,17 @@ from __future__ import annotations
 import numpy as np
 
 from . import _arrays
-from .api import (LOG2E, _BIAS_KINDS, _check_4d, _launch, _prepare, _Prepared, _same_place,
-                  _vector_ok)
+from .api import (LOG2E, _BIAS_KINDS, _check_4d, _launch, _prepare, _Prepared, _row_strides,
+                  _dropout_args, _same_place, _seq_geometry, _vector_ok)
 from .arch import forced_path
 from .arch.plan_bwd import BWD_STAGES, BwdPlan, select_bwd_plan
+from .dropout import require_forward_seed
 
 
 def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale=None, causal=False,
                         window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                         deterministic=False, *, bias=None, causal_align="bottom_right",
-                        dropout_p=0.0):
+                        dropout_p=0.0, dropout_seed=None, dropout_offset=0):
     """Gradients (dq, dk, dv) of attention, for torch CUDA tensors or CuPy arrays.
 
     ``out`` and ``lse`` are what ``flash_attn_func(q, k, v, ..., return_lse=True)``
@@ -32,11 +33,15 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale=None, causal=Fals
     query heads of each group. ``bias`` and ``alibi_slopes`` get no gradient.
     ``deterministic=True`` computes dq without atomics, so repeated calls give
     bit-identical gradients. Returns new contiguous arrays of q's kind and dtype.
+    With dropout, pass the forward's ``dropout_p``, ``dropout_seed`` and ``dropout_offset``
+    (required: the backward redraws the forward's mask from them).
     """
+    require_forward_seed(dropout_p, dropout_seed)
     p = _prepare(q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
                  window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
                  deterministic=deterministic, return_attn_probs=False, bias=bias,
-                 causal_align=causal_align)
+                 causal_align=causal_align, dropout_seed=dropout_seed,
+                 dropout_offset=dropout_offset)
     dv_, ov, lv = _check_grad_inputs(p, dout, out, lse)
     plan = select_bwd_plan(p.device, p.problem, only=forced_path())
     return _launch_bwd(p, plan, dv_, ov, lv, deterministic)
@@ -66,15 +71,6 @@ def _check_grad_inputs(p: _Prepared, dout, out, lse):
     return views[0], views[1], lv
 
 
-def _zeros(like: _arrays.ArrayView, shape, dtype: str):
-    x = _arrays.empty(like, shape, dtype)
-    if like.kind == "torch":
-        x.zero_()
-    else:
-        x.fill(0)
-    return x
-
-
 def _launch_bwd(p: _Prepared, plan: BwdPlan, dout: _arrays.ArrayView, out: _arrays.ArrayView,
                 lse: _arrays.ArrayView, deterministic: bool):
     from .compile import get_function
@@ -88,7 +84,7 @@ def _launch_bwd(p: _Prepared, plan: BwdPlan, dout: _arrays.ArrayView, out: _arra
     rows = batch * hq * sq
     lse2 = _arrays.empty(p.q, (max(rows, 1),), "float32")
     delta = _arrays.empty(p.q, (max(rows, 1),), "float32")
-    acc = None if deterministic else _zeros(p.q, (batch, sq, hq, d), "float32")
+    acc = None if deterministic else _arrays.zeros(p.q, (batch, sq, hq, d), "float32")
 
     i64, i32, u64 = np.int64, np.int32, np.uint64
     alibi_ptr, alibi_sb, alibi_sh = 0, 0, 0
@@ -98,24 +94,34 @@ def _launch_bwd(p: _Prepared, plan: BwdPlan, dout: _arrays.ArrayView, out: _arra
     vec = (_vector_ok(p.q) | _vector_ok(p.k) << 1 | _vector_ok(p.v) << 2
            | _vector_ok(out) << 3 | _vector_ok(dout) << 4)
 
-    def strides(x):
-        return tuple(i64(s) for s in x.strides[:3])
+    # pre and cvt run per token row: a varlen batch is one dense sequence of all its tokens
+    # there. dkdv and dq tile sequences: a varlen batch gives each CTA its own (SeqSpan).
+    packed = p.varlen is not None
+    nseq, max_q, max_k, cu_q, cu_k = _seq_geometry(p)
 
     def args(stage, dq_accum):
+        by_seq = packed and stage in ("dkdv", "dq")
+
+        def strides(x):
+            return tuple(i64(s) for s in (_row_strides(x, p) if by_seq else x.strides[:3]))
+
+        geometry = (nseq, max_q, max_k) if by_seq else (batch, sq, sk)
         return (
             u64(p.q.ptr), u64(p.k.ptr), u64(p.v.ptr), u64(out.ptr), u64(dout.ptr), u64(lse.ptr),
             u64(_arrays.view(lse2, "lse2").ptr), u64(_arrays.view(delta, "delta").ptr),
             u64(_arrays.view(dq_accum, "dq_accum").ptr if dq_accum is not None else 0),
             u64(dqv.ptr), u64(dkv.ptr), u64(dvv.ptr),
             u64(p.bias.ptr if p.bias is not None else 0), u64(alibi_ptr),
+            u64(cu_q if by_seq else 0), u64(cu_k if by_seq else 0),
             *strides(p.q), *strides(p.k), *strides(p.v), *strides(out), *strides(dout),
-            *(i64(s) for s in lse.strides), *strides(dqv), *strides(dkv), *strides(dvv),
+            *(i64(s) for s in lse.strides), i64(0 if by_seq else hq * sq), i64(sq),
+            *strides(dqv), *strides(dkv), *strides(dvv),
             *(i64(s) for s in p.bias_strides), i64(alibi_sb), i64(alibi_sh),
-            i32(batch), i32(hq), i32(hq // hkv), i32(sq), i32(sk), i32(d),
-            i32(p.window[0]), i32(p.window[1]), i32(p.diag_off),
+            i32(geometry[0]), i32(hq), i32(hq // hkv), *(i32(n) for n in geometry[1:]), i32(d),
+            i32(p.window[0]), i32(p.window[1]), i32(p.align_br),
             np.float32(p.scale * LOG2E), np.float32(p.softcap * LOG2E), np.float32(p.scale),
             i32(_BIAS_KINDS[p.bias.dtype] if p.bias is not None else 0), i32(vec),
-            i32(BWD_STAGES.index(stage)),
+            i32(BWD_STAGES.index(stage)), *_dropout_args(p),
         )
 
     dev = p.q.device
@@ -125,19 +131,21 @@ def _launch_bwd(p: _Prepared, plan: BwdPlan, dout: _arrays.ArrayView, out: _arra
             pre = plan.spec("pre")   # one warp per query row
             get_function(pre, dev)((-(-rows // (pre.threads // 32)),), (pre.threads,),
                                    args("pre", None))
-        if batch * hkv * sk:
-            grid = -(-sk // main.block_n) * batch * hkv
+        if nseq * hkv * max_k:
+            grid = -(-max_k // main.block_n) * nseq * hkv
             get_function(main, dev)((grid,), (main.threads,), args("dkdv", acc),
                                     shared_mem=main.smem_bytes)
         if rows and deterministic:
             dqs = plan.spec("dq")
-            grid = -(-sq // dqs.block_m) * batch * hq
+            grid = -(-max_q // dqs.block_m) * nseq * hq
             get_function(dqs, dev)((grid,), (dqs.threads,), args("dq", None),
                                    shared_mem=dqs.smem_bytes)
         elif rows:
             cvt = plan.spec("cvt")   # grid-stride loop over dq's elements
             grid = min(-(-(rows * d) // cvt.threads), 1 << 20)
             get_function(cvt, dev)((grid,), (cvt.threads,), args("cvt", acc))
+    if packed:
+        return dq[0], dk[0], dv[0]
     return dq, dk, dv
 
 
@@ -167,8 +175,10 @@ def _function_class():
             p = ctx.prepared
             if dout.dtype != out.dtype:
                 dout = dout.to(out.dtype)
-            if dout.dim() == 4 and dout.shape[-1] > 1 and dout.stride(-1) != 1:
+            if dout.shape[-1] > 1 and dout.stride(-1) != 1:
                 dout = dout.contiguous()
+            if p.varlen is not None:   # the launchers see one sequence of all tokens
+                dout, out, lse = dout.unsqueeze(0), out.unsqueeze(0), lse.unsqueeze(0)
             dov, ov, lv = _check_grad_inputs(p, dout, out, lse)
             plan = select_bwd_plan(p.device, p.problem, only=forced_path())
             dq, dk, dv = _launch_bwd(p, plan, dov, ov, lv, ctx.deterministic)
@@ -185,6 +195,8 @@ def needs_autograd(p: _Prepared) -> bool:
     return torch.is_grad_enabled() and any(x.obj.requires_grad for x in (p.q, p.k, p.v))
 
 
-def autograd_forward(p: _Prepared, deterministic: bool):
-    """(out, lse) through the autograd Function, so loss.backward() reaches q, k and v."""
-    return _function_class().apply(p.q.obj, p.k.obj, p.v.obj, p, deterministic)
+def autograd_forward(p: _Prepared, deterministic: bool, inputs: tuple = None):
+    """(out, lse) through the autograd Function, so loss.backward() reaches q, k and v
+    (``inputs``: the caller's tensors when p's views differ from them, as in varlen)."""
+    q, k, v = inputs if inputs is not None else (p.q.obj, p.k.obj, p.v.obj)
+    return _function_class().apply(q, k, v, p, deterministic)

@@ -107,7 +107,7 @@ def run_decode_bench(batch=8, hq=32, hkv=8, d=128, seqlen=32768, dtype="float16"
             row["pct_copy_bw"] = 100.0 * nbytes / (ms * 1e-3) / bw
         if plan is not None:
             row["plan"] = (f"{plan.path}: {plan.spec.short()}, {plan.num_splits} split(s), "
-                           f"{plan.ctas_per_sm} CTA/SM")
+                           f"{plan.ctas_per_sm} CTA/SM{', L2 hint' if plan.l2_hint else ''}")
         rows.append(row)
         return row
 
@@ -119,6 +119,11 @@ def run_decode_bench(batch=8, hq=32, hkv=8, d=128, seqlen=32768, dtype="float16"
     with forced_path("simt"):
         ms_simt, plan_simt = _portattn_ms(q, kc, vc, None, seqlens)
     record("portattn contiguous, SIMT kernel (PORTATTN_PATH=simt)", ms_simt, nbytes, plan_simt)
+    if dtype == "float16":
+        with forced_path("sm75"):
+            ms_75, plan_75 = _portattn_ms(q, kc, vc, None, seqlens)
+        record("portattn contiguous, Turing m16n8k8 kernel (PORTATTN_PATH=sm75)", ms_75, nbytes,
+               plan_75)
     ms_chk, _ = _portattn_ms(q, kc, vc, None, seqlens, check_indices=True)
     record("portattn contiguous, check_indices=True (host copy of cache_seqlens)", ms_chk,
            nbytes)
@@ -164,29 +169,54 @@ def run_decode_bench(batch=8, hq=32, hkv=8, d=128, seqlen=32768, dtype="float16"
 
 
 def run_split_sweep(batch=8, hq=32, hkv=8, d=128, seqlen=32768, dtype="float16",
-                    long_seqlen=131072, threads=(64, 128)):
-    """Tensor-core decode time by CTA size and KV split count (tuning the plan's choice)."""
+                    long_seqlen=131072, threads=(64, 128), rounds=3):
+    """Tensor-core decode time by CTA size, split count and L2 load hint (on or off),
+    next to SDPA flash in every round; rounds interleave all configurations so clock drift
+    hits them alike."""
     torch = _torch()
     from .arch import plan_decode
-    rows = []
-    saved = plan_decode.TC_THREADS
+    saved = (plan_decode.TC_THREADS, plan_decode.TC_L2_HINT)
+    results = {}
     try:
         for b, s in ((batch, seqlen), (1, long_seqlen)):
             q, kc, vc, _, seqlens = _problem(b, hq, hkv, d, s, dtype)
-            nbytes = 2 * b * s * hkv * d * kc.element_size()
+            configs = []
             for nt in threads:
                 plan_decode.TC_THREADS = nt
                 auto = _portattn_ms(q, kc, vc, None, seqlens)[1].num_splits
-                for splits in sorted({max(1, auto * f // 4) for f in (2, 3, 4, 5, 6, 8)}):
-                    splits = min(splits, plan_decode.MAX_SPLITS)
-                    ms, plan = _portattn_ms(q, kc, vc, None, seqlens, num_splits=splits)
-                    rows.append({"batch": b, "seqlen": s, "threads": nt, "splits": splits,
-                                 "auto": splits == auto, "ms": ms, "ctas_per_sm":
-                                 plan.ctas_per_sm, "kv_GBps": nbytes / (ms * 1e-3) / 1e9})
+                splits = sorted({auto, 2 * auto} if nt == 128 else {auto})
+                configs += [(nt, hint, min(sp, plan_decode.MAX_SPLITS), sp == auto)
+                            for hint in (True, False) for sp in splits]
+            for _ in range(rounds):
+                if b == batch:
+                    results.setdefault((b, s, "sdpa"), []).append(_sdpa_ms("flash", q, kc, vc)[0])
+                for cfg in configs:
+                    nt, hint, sp, _ = cfg
+                    plan_decode.TC_THREADS = nt
+                    plan_decode.TC_L2_HINT = hint
+                    ms, _ = _portattn_ms(q, kc, vc, None, seqlens, num_splits=sp)
+                    results.setdefault((b, s, cfg), []).append(ms)
             del q, kc, vc
             torch.cuda.empty_cache()
     finally:
-        plan_decode.TC_THREADS = saved
+        plan_decode.TC_THREADS, plan_decode.TC_L2_HINT = saved
+    rows = []
+    elt = torch.tensor([], dtype=getattr(torch, dtype)).element_size()
+    for (b, s, cfg), times in results.items():
+        med = statistics.median(times)
+        row = {"batch": b, "seqlen": s, "ms": med, "ms_rounds": times,
+               "kv_GBps": 2 * b * s * hkv * d * elt / (med * 1e-3) / 1e9}
+        if cfg == "sdpa":
+            row["config"] = "sdpa flash"
+        else:
+            nt, hint, sp, auto = cfg
+            row.update(config=f"t{nt} {'L2 hint' if hint else 'no hint'} splits {sp}"
+                       f"{' (plan)' if auto else ''}", threads=nt, l2_hint=hint, splits=sp,
+                       auto=auto)
+            sdpa = results.get((b, s, "sdpa"))
+            if sdpa:
+                row["sdpa_over_portattn"] = statistics.median(x / y for x, y in zip(sdpa, times))
+        rows.append(row)
     return rows
 
 
@@ -244,10 +274,13 @@ def main(argv) -> int:
     if a.sweep:
         res["sweep"] = run_split_sweep(a.batch, int(hq), int(hkv or hq), a.head_dim, a.seqlen,
                                        a.dtype, a.long_seqlen)
-        print("sweep (tensor-core decode): batch, keys, threads/CTA, splits -> ms, KV GB/s")
+        print("sweep (tensor-core decode, median of rounds): batch, keys, config -> ms, "
+              "KV GB/s, SDPA flash time / portattn time (same round)")
         for r in res["sweep"]:
-            print(f"  {r['batch']:3} {r['seqlen']:7} {r['threads']:4} {r['splits']:4}"
-                  f"{'*' if r['auto'] else ' '} {r['ms']:.4f} {r['kv_GBps']:6.0f}")
+            ratio = f"{r['sdpa_over_portattn']:.3f}x" if "sdpa_over_portattn" in r else ""
+            each = " ".join(f"{x:.4f}" for x in r["ms_rounds"])
+            print(f"  {r['batch']:3} {r['seqlen']:7} {r['config']:36} {r['ms']:.4f} "
+                  f"{r['kv_GBps']:6.0f} {ratio}  rounds {each}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1)

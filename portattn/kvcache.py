@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _arrays
-from .api import LOG2E, _alibi_view, _check_4d, _same_place, _score_options, _vector_ok
+from .api import (LOG2E, _alibi_view, _check_4d, _host_ints, _int32_array, _same_place,
+                  _score_options, _vector_ok)
 from .arch import detect, forced_path
 from .arch.device import DeviceInfo
 from .arch.plan_decode import (MAX_SPLITS, DecodePlan, DecodeProblem,
@@ -60,26 +61,6 @@ class _KV:
 # clamped inside the cache on the device. check_indices=True, or this variable set to 1,
 # turns the check on (debugging).
 CHECK_INDICES_ENV = "PORTATTN_CHECK_INDICES"
-
-
-def _int32_array(x, name: str, qv: _arrays.ArrayView, ndim: int, dims: str):
-    a = _arrays.view(x, name)
-    _same_place(a, qv, name)
-    if a.dtype != "int32":
-        raise TypeError(f"{name}.dtype must be int32, got {a.dtype}")
-    if len(a.shape) != ndim:
-        raise ValueError(f"{name} must have {ndim} dim(s) ({dims}), got shape {a.shape}")
-    if a.shape[-1] > 1 and a.strides[-1] != 1:
-        raise ValueError(f"{name}.stride(-1) must be 1 (contiguous), got {a.strides[-1]}")
-    return a
-
-
-def _host_ints(a: _arrays.ArrayView) -> np.ndarray:
-    """The values of a small device integer array (one copy to the host, which syncs)."""
-    if a.kind == "torch":
-        return a.obj.detach().cpu().numpy().astype(np.int64)
-    import cupy
-    return cupy.asnumpy(cupy.asarray(a.obj)).astype(np.int64)
 
 
 def _prepare(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table,
@@ -239,6 +220,22 @@ def _prepare(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_ta
                causal_align == "top_left")
 
 
+# Split-merge counters, one int32 per (batch, KV head, row tile) group, per (device, stream):
+# zero between launches, because the CTA that merges a group resets its counter, and
+# launches on one stream never overlap. Grown (zeroed on the stream) when a call needs more.
+_COUNTERS: dict = {}
+
+
+def _counters(device, n: int):
+    import cupy
+    key = (device, cupy.cuda.get_current_stream().ptr)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.size < n:
+        buf = cupy.zeros(max(n, 4096), dtype=cupy.int32)
+        _COUNTERS[key] = buf
+    return buf
+
+
 def _ptr(a) -> np.uint64:
     return np.uint64(a.ptr if a is not None else 0)
 
@@ -276,22 +273,25 @@ def _launch(p: _KV, with_lse: bool):
             return out, lse
         splits = plan.num_splits
         grid = batch * hkv * plan.grid
-        part = part_lse = None
+        part = part_lse = counters = None
         if splits > 1:
             part = _arrays.empty(p.q, (splits, batch * hq * sq, d), "float32")
             part_lse = _arrays.empty(p.q, (splits, batch * hq * sq), "float32")
+            counters = _counters(dev, batch * hkv * plan.row_tiles)
         alibi_sb, alibi_sh = 0, 0
         if p.alibi is not None:
             alibi_sb, alibi_sh = ((0, p.alibi.strides[0]) if len(p.alibi.shape) == 1
                                   else p.alibi.strides)
-        vec = (_vector_ok(p.q) << 0) | (_vector_ok(kc) << 1) | (_vector_ok(vc) << 2)
+        vec = ((_vector_ok(p.q) << 0) | (_vector_ok(kc) << 1) | (_vector_ok(vc) << 2)
+               | (plan.l2_hint << 3))
         spec = plan.spec
         get_function(spec, dev)((grid,), (spec.threads,), (
             _ptr(p.q), _ptr(kc), _ptr(vc), _ptr(ov),
-            np.uint64(_arrays.view(lse, "lse").ptr if lse is not None and splits == 1 else 0),
+            np.uint64(_arrays.view(lse, "lse").ptr if lse is not None else 0),
             np.uint64(_arrays.view(part, "part").ptr if part is not None else 0),
             np.uint64(_arrays.view(part_lse, "part_lse").ptr if part is not None else 0),
-            _ptr(p.seqlens), _ptr(p.cache_idx), _ptr(p.block_table), _ptr(p.alibi),
+            np.uint64(counters.data.ptr if counters is not None else 0), _ptr(p.seqlens),
+            _ptr(p.cache_idx), _ptr(p.block_table), _ptr(p.alibi),
             *(i64(s) for s in p.q.strides[:3]), *(i64(s) for s in kc.strides[:3]),
             *(i64(s) for s in vc.strides[:3]), *(i64(s) for s in ov.strides[:3]),
             i64(bt_sb), i64(alibi_sb), i64(alibi_sh),
@@ -300,15 +300,6 @@ def _launch(p: _KV, with_lse: bool):
             i32(nblocks), i32(p.capacity), i32(p.window[0]), i32(p.window[1]),
             i32(p.top_left), np.float32(p.scale * LOG2E), np.float32(p.softcap * LOG2E),
             i32(splits), i32(vec)))
-        if splits > 1:
-            cspec = plan.combine_spec
-            warps = cspec.threads // 32
-            get_function(cspec, dev)((-(-(batch * hq * sq) // warps),), (cspec.threads,), (
-                np.uint64(_arrays.view(part, "part").ptr),
-                np.uint64(_arrays.view(part_lse, "part_lse").ptr), _ptr(ov),
-                np.uint64(_arrays.view(lse, "lse").ptr if lse is not None else 0),
-                *(i64(s) for s in ov.strides[:3]), i32(batch), i32(hq), i32(sq), i32(d),
-                i32(splits)))
     return out, lse
 
 

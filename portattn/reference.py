@@ -53,6 +53,18 @@ Dropout
     ``P * mask / (1 - dropout_p)``.  ``dropout_p`` must lie in [0, 1), and
     ``dropout_p > 0`` requires a mask.  ``lse`` is always that of the undropped softmax.
 
+Dropout generator (``dropout_mask_ref``: the mask every kernel draws)
+    Philox4x32-10 (Salmon et al., SC'11, as in Random123): key ``(seed mod 2^32,
+    seed >> 32)`` for a ``seed`` in [0, 2^64); element (b, h, i, j) uses the counter
+    ``(j >> 2, i, b * nheads + h mod 2^32, offset)`` for an ``offset`` in [0, 2^32), and
+    word ``j & 3`` of the four 32-bit outputs is its uniform ``u``.  ``b`` is the batch
+    (varlen: sequence) index, ``h`` the query head, ``i``/``j`` the query and key position
+    inside the sequence.  The element is kept iff ``u >= threshold``, with
+    ``threshold = min(round(p * 2^32), 2^32 - 1)`` (round half to even; p * 2^32 is exact
+    in float64), so the keep probability is ``1 - threshold / 2^32``, within 2^-32 of
+    ``1 - p``.  One Philox call serves four consecutive keys of one row, so a kernel
+    never evaluates it more than once per four elements.
+
 Precision
     ``precision="float64"`` (default) computes everything in float64.  ``"float32"``,
     ``"float16"`` and ``"bfloat16"`` give the *same-precision reference* used to set
@@ -115,8 +127,12 @@ __all__ = [
     "attention_ref",
     "attention_probs_ref",
     "attention_varlen_ref",
+    "attention_varlen_grad_ref",
     "attention_kvcache_ref",
     "attention_grad_ref",
+    "philox4x32_10",
+    "dropout_threshold",
+    "dropout_mask_ref",
 ]
 
 PRECISIONS = ("float64", "float32", "float16", "bfloat16")
@@ -648,6 +664,43 @@ def _check_cu_seqlens(cu, name: str, total: int, total_name: str) -> np.ndarray:
     return arr
 
 
+def _prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, causal_align,
+                    window_size, softcap, alibi_slopes, dropout_p, dropout_mask, precision):
+    """Checked varlen arguments: (q, k, v, cu_q, cu_k, opts, slopes (batch, hq) or None,
+    dropout mask broadcast to (batch, hq, max_seqlen_q, max_seqlen_k) or None)."""
+    q = _as_real_array(q, "q")
+    k = _as_real_array(k, "k")
+    v = _as_real_array(v, "v")
+    _require_ndim(q, "q", "total_q, nheads_q, headdim")
+    _require_ndim(k, "k", "total_k, nheads_kv, headdim")
+    _require_ndim(v, "v", "total_k, nheads_kv, headdim_v")
+    _require_dim(v, "v", 0, "total_k", "k.shape[0]", k.shape[0])
+    _require_dim(v, "v", 1, "nheads_kv", "k.shape[1]", k.shape[1])
+    _require_dim(k, "k", 2, "headdim", "q.shape[2]", q.shape[2])
+    _check_heads(q, k, 1, 1, 2)
+    opts = _validate_options(
+        headdim=q.shape[2], softmax_scale=softmax_scale, causal=causal,
+        causal_align=causal_align, window_size=window_size, softcap=softcap,
+        dropout_p=dropout_p, precision=precision,
+    )
+    cu_q = _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], "q.shape[0] (total_q)")
+    cu_k = _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], "k.shape[0] (total_k)")
+    if cu_k.shape[0] != cu_q.shape[0]:
+        raise ValueError(
+            f"cu_seqlens_k.shape[0] (batch + 1) must equal cu_seqlens_q.shape[0] = "
+            f"{cu_q.shape[0]}, got {cu_k.shape[0]}"
+        )
+    batch, hq = cu_q.shape[0] - 1, q.shape[1]
+    max_sq = int(np.diff(cu_q).max(initial=0))
+    max_sk = int(np.diff(cu_k).max(initial=0))
+    slopes = _check_slopes(alibi_slopes, batch, hq)
+    mask = _check_dropout_mask(
+        dropout_mask, opts.dropout_p, (batch, hq, max_sq, max_sk),
+        "(batch, nheads_q, max_seqlen_q, max_seqlen_k)",
+    )
+    return q, k, v, cu_q, cu_k, opts, slopes, mask
+
+
 def attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, *, softmax_scale=None,
                          causal=False, causal_align="bottom_right", window_size=(-1, -1),
                          softcap=0.0, alibi_slopes=None, bias=None, dropout_p=0.0,
@@ -672,38 +725,10 @@ def attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, *, softmax_scale=N
     """
     if bias is not None:
         raise ValueError("bias is not supported by attention_varlen_ref; pass bias=None")
-    q = _as_real_array(q, "q")
-    k = _as_real_array(k, "k")
-    v = _as_real_array(v, "v")
-    _require_ndim(q, "q", "total_q, nheads_q, headdim")
-    _require_ndim(k, "k", "total_k, nheads_kv, headdim")
-    _require_ndim(v, "v", "total_k, nheads_kv, headdim_v")
-    _require_dim(v, "v", 0, "total_k", "k.shape[0]", k.shape[0])
-    _require_dim(v, "v", 1, "nheads_kv", "k.shape[1]", k.shape[1])
-    _require_dim(k, "k", 2, "headdim", "q.shape[2]", q.shape[2])
-    _check_heads(q, k, 1, 1, 2)
-    opts = _validate_options(
-        headdim=q.shape[2], softmax_scale=softmax_scale, causal=causal,
-        causal_align=causal_align, window_size=window_size, softcap=softcap,
-        dropout_p=dropout_p, precision=precision,
-    )
-    cu_q = _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], "q.shape[0] (total_q)")
-    cu_k = _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], "k.shape[0] (total_k)")
-    if cu_k.shape[0] != cu_q.shape[0]:
-        raise ValueError(
-            f"cu_seqlens_k.shape[0] (batch + 1) must equal cu_seqlens_q.shape[0] = "
-            f"{cu_q.shape[0]}, got {cu_k.shape[0]}"
-        )
-    batch = cu_q.shape[0] - 1
-    hq = q.shape[1]
-    seqlens_q, seqlens_k = np.diff(cu_q), np.diff(cu_k)
-    max_sq = int(seqlens_q.max(initial=0))
-    max_sk = int(seqlens_k.max(initial=0))
-    slopes = _check_slopes(alibi_slopes, batch, hq)
-    mask = _check_dropout_mask(
-        dropout_mask, opts.dropout_p, (batch, hq, max_sq, max_sk),
-        "(batch, nheads_q, max_seqlen_q, max_seqlen_k)",
-    )
+    q, k, v, cu_q, cu_k, opts, slopes, mask = _prepare_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, causal_align, window_size,
+        softcap, alibi_slopes, dropout_p, dropout_mask, precision)
+    batch, hq = cu_q.shape[0] - 1, q.shape[1]
 
     out = np.zeros((q.shape[0], hq, v.shape[2]), dtype=np.float64)
     lse = np.full((hq, q.shape[0]), -np.inf, dtype=np.float64)
@@ -721,6 +746,115 @@ def attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, *, softmax_scale=N
         out[q0:q1] = out_b[0]
         lse[:, q0:q1] = lse_b[0]
     return (out, lse) if return_lse else out
+
+
+def attention_varlen_grad_ref(q, k, v, dout, cu_seqlens_q, cu_seqlens_k, *,
+                              softmax_scale=None, causal=False, causal_align="bottom_right",
+                              window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                              dropout_p=0.0, dropout_mask=None, precision="float64"):
+    """Gradients (dq, dk, dv) of ``sum(attention_varlen_ref(...) * dout)``.
+
+    Arguments as ``attention_varlen_ref`` plus ``dout`` (total_q, nheads_q, headdim_v); each
+    sequence's gradients are ``attention_grad_ref``'s for that sequence alone (so keys of a
+    sequence with no queries, and queries with no keys, get zero gradients). Returns
+    float64 arrays shaped like q, k and v.
+    """
+    q, k, v, cu_q, cu_k, opts, slopes, full = _prepare_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, causal_align, window_size,
+        softcap, alibi_slopes, dropout_p, dropout_mask, precision)
+    dout = _as_real_array(dout, "dout")
+    batch = cu_q.shape[0] - 1
+    dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
+    for bi in range(batch):
+        q0, q1, k0, k1 = cu_q[bi], cu_q[bi + 1], cu_k[bi], cu_k[bi + 1]
+        if q1 == q0 or k1 == k0:
+            continue
+        mask = None if full is None else full[bi:bi + 1, :, : q1 - q0, : k1 - k0]
+        g = attention_grad_ref(
+            q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], dout[None, q0:q1],
+            softmax_scale=opts.softmax_scale, causal=causal, causal_align=causal_align,
+            window_size=window_size, softcap=softcap,
+            alibi_slopes=None if slopes is None else slopes[bi:bi + 1],
+            dropout_p=dropout_p, dropout_mask=mask, precision=precision,
+        )
+        dq[q0:q1], dk[k0:k1], dv[k0:k1] = g[0][0], g[1][0], g[2][0]
+    return dq, dk, dv
+
+
+
+# Philox4x32-10 constants (Random123): round multipliers and the Weyl key increments.
+_PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+_PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+_U32 = 0xFFFFFFFF
+
+
+def philox4x32_10(counter, key) -> np.ndarray:
+    """Philox4x32-10 of ``counter`` (..., 4) under ``key`` (..., 2), both uint32-valued
+    and broadcast against each other; returns the (..., 4) uint32 outputs.
+
+    Each of the 10 rounds maps (c0, c1, c2, c3) to (hi(M1 c2) ^ c1 ^ k0, lo(M1 c2),
+    hi(M0 c0) ^ c3 ^ k1, lo(M0 c0)) with 64-bit products split into 32-bit halves; the
+    key grows by (W0, W1) between rounds.
+    """
+    ctr = np.asarray(counter, dtype=np.uint64) & np.uint64(_U32)
+    key = np.asarray(key, dtype=np.uint64) & np.uint64(_U32)
+    ctr, key = np.broadcast_arrays(ctr[..., :, None], key[..., None, :])
+    c = [ctr[..., i, 0].copy() for i in range(4)]
+    k0, k1 = key[..., 0, 0].copy(), key[..., 0, 1].copy()
+    mask, m0, m1 = np.uint64(_U32), np.uint64(_PHILOX_M0), np.uint64(_PHILOX_M1)
+    for rnd in range(10):
+        if rnd:
+            k0 = (k0 + np.uint64(_PHILOX_W0)) & mask
+            k1 = (k1 + np.uint64(_PHILOX_W1)) & mask
+        p0 = c[0] * m0           # < 2^64: both factors are below 2^32
+        p1 = c[2] * m1
+        c = [(p1 >> np.uint64(32)) ^ c[1] ^ k0, p1 & mask,
+             (p0 >> np.uint64(32)) ^ c[3] ^ k1, p0 & mask]
+    return np.stack(c, axis=-1).astype(np.uint32)
+
+
+def dropout_threshold(dropout_p: float) -> int:
+    """The 32-bit threshold for ``dropout_p`` in [0, 1): a uniform u is kept iff
+    u >= threshold, so the keep probability is 1 - threshold / 2^32."""
+    p = float(dropout_p)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    return min(round(p * 2.0 ** 32), _U32)
+
+
+def _check_uint(value, name: str, bits: int) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an int in [0, 2^{bits}), got {value!r}")
+    if not 0 <= int(value) < 2 ** bits:
+        raise ValueError(f"{name} must be in [0, 2^{bits}), got {int(value)}")
+    return int(value)
+
+
+def dropout_mask_ref(seed, offset, batch, nheads, seqlen_q, seqlen_k, p) -> np.ndarray:
+    """The keep mask (batch, nheads, seqlen_q, seqlen_k) bool (True = keep) that every
+    portattn kernel draws for ``dropout_p = p`` with ``dropout_seed = seed`` (in
+    [0, 2^64)) and ``dropout_offset = offset`` (in [0, 2^32)); see "Dropout generator" in
+    the module docstring.  Element (b, h, i, j) depends on (seed, offset, b, h, i, j)
+    alone, so any sub-block of a larger call's mask is the same block here."""
+    seed = _check_uint(seed, "seed", 64)
+    offset = _check_uint(offset, "offset", 32)
+    dims = {}
+    for name, value in (("batch", batch), ("nheads", nheads), ("seqlen_q", seqlen_q),
+                        ("seqlen_k", seqlen_k)):
+        dims[name] = _check_uint(value, name, 31)
+    b, h, sq, sk = dims["batch"], dims["nheads"], dims["seqlen_q"], dims["seqlen_k"]
+    threshold = dropout_threshold(p)
+    groups = -(-sk // 4)
+    ctr = np.empty((b, h, sq, groups, 4), dtype=np.uint64)
+    ctr[..., 0] = np.arange(groups, dtype=np.uint64)
+    ctr[..., 1] = np.arange(sq, dtype=np.uint64)[:, None]
+    bh = (np.arange(b, dtype=np.uint64)[:, None] * np.uint64(h)
+          + np.arange(h, dtype=np.uint64)[None, :]) & np.uint64(_U32)
+    ctr[..., 2] = bh[:, :, None, None]
+    ctr[..., 3] = offset
+    words = philox4x32_10(ctr, (seed & _U32, seed >> 32))
+    keep = words.reshape(b, h, sq, groups * 4)[..., :sk] >= np.uint32(threshold)
+    return np.ascontiguousarray(keep)
 
 
 def _check_index_array(arr, name: str, shape_desc: str, shape: tuple) -> np.ndarray:

@@ -84,7 +84,7 @@ def format_report(dev, rows, no_gpu_reason: str = "", bwd_rows=()) -> str:
                    f"{r['reason']}")
     if bwd_rows:
         out.append("")
-        out.append("backward (dK/dV tile; the same tile computes dQ in deterministic mode):")
+        out.append("backward (the dK/dV stage's tile; deterministic mode computes dQ on SIMT):")
         for r in bwd_rows:
             out.append(f"{r['dtype']:9} {r['head_dim']:>4} {'':6} {r['path']:5} "
                        f"{str(r['block_m']) + 'x' + str(r['block_n']):>7} {r['threads']:>4} "

@@ -38,8 +38,9 @@ class KernelSpec:
     @property
     def name_expression(self) -> str:
         if self.family == "decode_fwd":   # tx picks one of decode_fwd.cu's kernels
+            arch = f", {self.mma}" if self.mma else ""   # decode_tc_kernel's MMA policy
             return (f"portattn::{DECODE_KERNELS[self.tx]}<{DTYPE_CTYPE[self.dtype]}, "
-                    f"{self.head_dim}, {self.block_m}, {self.block_n}, {self.threads}>")
+                    f"{self.head_dim}, {self.block_m}, {self.block_n}, {self.threads}{arch}>")
         last = self.tx if self.family in ("simt_fwd", "simt_bwd") else self.mma
         return (f"portattn::{self.family}_kernel<{DTYPE_CTYPE[self.dtype]}, {self.head_dim}, "
                 f"{self.block_m}, {self.block_n}, {self.threads}, {last}>")
@@ -82,8 +83,7 @@ def tc70_fwd_smem_bytes(spec: KernelSpec) -> int:
 
 
 # decode_fwd.cu's kernels; their shared memory (the cross-warp merge) is static.
-DECODE_KERNELS = ("decode_fwd_kernel", "decode_combine_kernel", "decode_append_kernel",
-                  "decode_tc_kernel")
+DECODE_KERNELS = ("decode_fwd_kernel", "decode_append_kernel", "decode_tc_kernel")
 
 SMEM_BYTES = {"simt_fwd": simt_fwd_smem_bytes, "tc_fwd": tc_fwd_smem_bytes,
               "decode_fwd": lambda spec: 0,
@@ -99,3 +99,20 @@ def simt_bwd_smem_bytes(spec: KernelSpec) -> int:
 
 
 SMEM_BYTES["simt_bwd"] = simt_bwd_smem_bytes
+# return_attn_probs's debug kernel (attn_probs.cu): its Q rows are static shared memory.
+SMEM_BYTES["attn_probs"] = lambda spec: 0
+
+
+def tc_bwd_smem_bytes(spec: KernelSpec) -> int:
+    """tc_bwd.cu's dK/dV stage: K, V (BN rows), Q and dO (BM rows, double-buffered on
+    sm_80+) in the input type with rows padded by 8, dS^T (BN x BM+8), and fp32 lse2 and
+    delta per buffered query tile."""
+    d, bm, bn = spec.head_dim, spec.block_m, spec.block_n
+    if bm == 0:   # the row stages (pre, cvt) use none
+        return 0
+    nbuf = 2 if spec.mma >= 80 else 1
+    return (DTYPE_BYTES[spec.dtype] * (2 * bn * (d + 8) + 2 * nbuf * bm * (d + 8)
+                                       + bn * (bm + 8)) + 4 * 2 * nbuf * bm)
+
+
+SMEM_BYTES["tc_bwd"] = tc_bwd_smem_bytes

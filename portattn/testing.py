@@ -198,6 +198,74 @@ def check_backward(fn_kwargs: dict, arrays: dict, dtype: str, kind: str, *,
                  for g, r, lo, name in zip(grads, ref64, low, ("dq", "dk", "dv")))
 
 
+def check_varlen(fn_kwargs: dict, arrays: dict, cu_q: np.ndarray, cu_k: np.ndarray,
+                 dtype: str, kind: str, *, grad: str = "function", deterministic=False,
+                 extra_max: int = 0):
+    """flash_attn_varlen_func on device copies of ``arrays`` (numpy packed q, k, v, dout,
+    optional alibi_slopes) against attention_varlen_ref / attention_varlen_grad_ref in
+    float64 and in ``dtype``. ``grad``: "" (forward only), "autograd" (torch) or
+    "function" (flash_attn_varlen_backward). max_seqlen is the longest sequence plus
+    ``extra_max``. Returns Checks of out and lse, then dq, dk, dv when ``grad``."""
+    import portattn
+    from .reference import attention_varlen_grad_ref, attention_varlen_ref, dropout_mask_ref
+    dev = {n: to_device(arrays[n], kind, dtype) for n in ("q", "k", "v")}
+    extra = {}
+    if arrays.get("alibi_slopes") is not None:
+        extra["alibi_slopes"] = to_device(arrays["alibi_slopes"], kind, "float32")
+    cu = [_int32_to_device(c, kind) for c in (cu_q, cu_k)]
+    call = (dev["q"], dev["k"], dev["v"], *cu, int(np.diff(cu_q).max()) + extra_max,
+            int(np.diff(cu_k).max()) + extra_max)
+    grads = None
+    with poisoned_outputs():
+        if grad == "autograd":
+            q, k, v = (x.detach().requires_grad_(True) for x in call[:3])
+            out, lse = portattn.flash_attn_varlen_func(
+                q, k, v, *call[3:], return_lse=True, deterministic=deterministic,
+                **fn_kwargs, **extra)
+            out.backward(to_device(arrays["dout"], kind, dtype))
+            grads = (q.grad, k.grad, v.grad)
+        else:
+            out, lse = portattn.flash_attn_varlen_func(*call, return_lse=True, **fn_kwargs,
+                                                       **extra)
+            if grad == "function":
+                grads = portattn.flash_attn_varlen_backward(
+                    to_device(arrays["dout"], kind, dtype), *call[:3], out, lse, *call[3:],
+                    deterministic=deterministic, **fn_kwargs, **extra)
+    ref_kwargs = {n: x for n, x in fn_kwargs.items() if n not in ("dropout_seed", "dropout_offset")}
+    if arrays.get("alibi_slopes") is not None:
+        ref_kwargs["alibi_slopes"] = arrays["alibi_slopes"]
+    if fn_kwargs.get("dropout_p", 0.0) > 0.0:
+        # The mask of sequence b is the top-left corner of batch row b's.
+        ref_kwargs["dropout_mask"] = dropout_mask_ref(
+            fn_kwargs["dropout_seed"], fn_kwargs.get("dropout_offset", 0), len(cu_q) - 1,
+            arrays["q"].shape[1], int(np.diff(cu_q).max()), int(np.diff(cu_k).max()),
+            fn_kwargs["dropout_p"])
+    qkv = (arrays["q"], arrays["k"], arrays["v"])
+    ref64, lse64 = attention_varlen_ref(*qkv, cu_q, cu_k, return_lse=True, **ref_kwargs)
+    low, lse_low = attention_varlen_ref(*qkv, cu_q, cu_k, return_lse=True, precision=dtype,
+                                        **ref_kwargs)
+    checks = [compare(to_numpy(out), ref64, low, dtype, "out"),
+              compare(to_numpy(lse), lse64, lse_low, "float32" if dtype == "float32" else dtype,
+                      "lse")]
+    if grads is not None:
+        args = (*qkv, arrays["dout"], cu_q, cu_k)
+        g64 = attention_varlen_grad_ref(*args, **ref_kwargs)
+        glow = attention_varlen_grad_ref(*args, precision=dtype, **ref_kwargs)
+        scale = max(float(np.max(np.abs(r), initial=0.0)) for r in g64)
+        checks += [compare_grad(to_numpy(g), r, lo, dtype, name, scale)
+                   for g, r, lo, name in zip(grads, g64, glow, ("dq", "dk", "dv"))]
+    return tuple(checks)
+
+
+def _int32_to_device(a: np.ndarray, kind: str):
+    a = np.ascontiguousarray(a, dtype=np.int32)
+    if kind == "torch":
+        import torch
+        return torch.from_numpy(a).to("cuda")
+    import cupy
+    return cupy.asarray(a)
+
+
 def _bool_to_device(mask: np.ndarray, kind: str):
     if kind == "torch":
         import torch

@@ -653,3 +653,51 @@ def test_volta_fp16_runs_m8n8k4_with_resident_warps(cc):
         plan = select_plan(dev, Problem(dtype, 64))
         assert plan.path == "simt"
         assert "mma.m8n8k4" in dict(plan.rejected)["sm70"] or dtype in dict(plan.rejected)["sm70"]
+
+
+# ------------------------------------------------------ backward plan: tensor-core tiles
+
+@pytest.mark.parametrize("cc", [75, 80, 86, 89, 90])
+@pytest.mark.parametrize("d", [32, 64, 96, 128])
+def test_tc_bwd_tile_fits_shape_rules_registers_and_smem(cc, d):
+    from portattn.arch import select_bwd_plan
+    from portattn.arch.plan_bwd import (TC_BWD_MAX_EST_REGS, TC_BWD_SPILLED, tc_bwd_est_regs,
+                                        tc_bwd_tile_ok)
+    dev = device_from_arch(cc)
+    plan = select_bwd_plan(dev, Problem(dtype="float16", head_dim=d))
+    s = plan.spec("dkdv")
+    mma = 80 if cc >= 80 else 75
+    assert (plan.path, s.family, s.mma) == (f"sm{mma}", "tc_bwd", mma)
+    assert tc_bwd_tile_ok(s.block_m, s.block_n, s.threads, d)
+    assert tc_bwd_est_regs(s.block_m, d) <= TC_BWD_MAX_EST_REGS[mma]
+    assert (d, s.block_m, s.block_n, s.threads) not in TC_BWD_SPILLED
+    assert s.smem_bytes <= dev.smem_per_block and "warps of 16 keys" in plan.reason
+    rows = plan.spec("pre")
+    assert rows == plan.spec("cvt") and (rows.family, rows.block_m, rows.mma) == ("tc_bwd", 0, mma)
+    assert plan.spec("dq").family == "simt_bwd"
+
+
+@pytest.mark.parametrize("cc, dtype, d, why", [
+    (90, "float16", 160, "dK + dV of 16 keys x d per warp"),
+    (90, "float32", 64, "float32 has no sm80 tensor-core backward"),
+    (75, "bfloat16", 64, "bfloat16 has no sm75 tensor-core backward"),
+    (70, "float16", 64, "needs m16n8k8; sm_70 has mma.m8n8k4"),
+    (61, "float16", 64, "needs m16n8k16; sm_61 has none"),
+])
+def test_bwd_plan_says_why_it_stays_simt(cc, dtype, d, why):
+    from portattn.arch import select_bwd_plan
+    plan = select_bwd_plan(device_from_arch(cc), Problem(dtype=dtype, head_dim=d))
+    assert plan.path == "simt" and all(s.family == "simt_bwd" for s in plan.specs.values())
+    assert any(why in w for _, w in plan.rejected), plan.describe()
+    assert "sm70" in dict(plan.rejected)
+
+
+def test_bwd_plan_forced_paths():
+    from portattn.arch import select_bwd_plan
+    p = Problem(dtype="float16", head_dim=64)
+    h100 = device_from_arch(90)
+    assert select_bwd_plan(h100, p, only="simt").path == "simt"
+    turing_on_h100 = select_bwd_plan(h100, p, only="sm75")
+    assert turing_on_h100.path == "sm75" and turing_on_h100.spec("dkdv").mma == 75
+    assert "excluded: PORTATTN_PATH=sm75" in dict(turing_on_h100.rejected)["sm80"]
+    assert select_bwd_plan(device_from_arch(75), p, only="sm80").path == "simt"

@@ -54,7 +54,7 @@ def test_valid_call_reaches_launch(kw):
     with pytest.raises(ReachedLaunch) as info:
         call(good(), **kw)
     plan, det = info.value.args
-    assert plan.path == "simt" and det == kw.get("deterministic", False)
+    assert plan.path == "sm80" and det == kw.get("deterministic", False)   # fp16 on sm_80
 
 
 @pytest.mark.parametrize("name,bad,exc,match", [
@@ -75,7 +75,10 @@ def test_bad_gradient_inputs_are_refused_before_launch(name, bad, exc, match):
 
 
 @pytest.mark.parametrize("kw,exc,match", [
-    ({"dropout_p": 0.1}, NotImplementedError, "dropout_p > 0"),
+    ({"dropout_p": 0.1}, ValueError, r"dropout_seed must be the forward's seed"),
+    ({"dropout_p": 0.1, "dropout_seed": -1}, ValueError, r"dropout_seed must be in"),
+    ({"dropout_p": 0.1, "dropout_seed": 1, "dropout_offset": 2 ** 32}, ValueError,
+     r"dropout_offset must be in"),
     ({"deterministic": 1}, TypeError, "deterministic must be a bool"),
     ({"softcap": -1.0}, ValueError, "softcap"),
     ({"causal_align": "middle"}, ValueError, "causal_align"),
@@ -106,9 +109,17 @@ def test_bwd_plan_fits_the_arch(cc, dtype, d):
     assert set(plan.specs) == set(BWD_STAGES)
     main = plan.spec("dkdv")
     assert main.smem_bytes <= dev.smem_per_block and plan.ctas_per_sm >= 1
-    assert all(plan.spec(st) == main for st in BWD_STAGES)   # one kernel, run-time stage
-    acc, s = simt_bwd_regs(main.block_m, main.block_n, main.threads, main.tx, main.head_dim)
-    assert acc <= 128 and s <= 32
+    simt = plan.spec("dq")   # deterministic dq is always SIMT's kernel (run-time stage)
+    assert simt.family == "simt_bwd" and plan.spec("pre") == plan.spec("cvt")
+    acc, s = simt_bwd_regs(simt.block_m, simt.block_n, simt.threads, simt.tx, simt.head_dim)
+    assert acc <= 128 and s <= 32 and simt.smem_bytes <= dev.smem_per_block
+    tc = (cc >= 80 and dtype != "float32") or (cc == 75 and dtype == "float16")
+    assert (main.family == "tc_bwd") == (tc and d <= 128), plan.describe()
+    if main.family == "tc_bwd":   # pre and cvt: tc_bwd's row kernel (block_m 0, no smem)
+        rows = plan.spec("pre")
+        assert (rows.family, rows.block_m, rows.smem_bytes, rows.mma) == ("tc_bwd", 0, 0, main.mma)
+    else:
+        assert all(plan.spec(st) == main for st in BWD_STAGES)
     assert "why:" in plan.describe() and f"sm_{cc}" in plan.describe()
     assert all(sp.dtype == dtype for sp in plan.specs.values())
 
@@ -117,8 +128,11 @@ def test_bwd_plan_is_pure_and_forced_path_is_explained():
     dev = device_from_arch(75)
     p = Problem(dtype="float16", head_dim=64)
     assert select_bwd_plan(dev, p) == select_bwd_plan(dev, p)
-    forced = select_bwd_plan(dev, p, only="sm75")
-    assert forced.path == "simt" and "PORTATTN_PATH=sm75 applies to the forward" in forced.reason
+    assert select_bwd_plan(dev, p).path == "sm75"
+    assert select_bwd_plan(dev, p, only="simt").path == "simt"
+    volta = select_bwd_plan(dev, p, only="sm70")
+    assert volta.path == "simt" and "PORTATTN_PATH=sm70 has no backward kernel" in volta.reason
+    assert select_bwd_plan(device_from_arch(90), p, only="sm75").spec("dkdv").mma == 75
     with pytest.raises(ValueError, match="path must be one of"):
         select_bwd_plan(dev, p, only="wgmma")
 

@@ -174,6 +174,43 @@ def test_split_counts_agree_on_every_arch(arch, splits):
                s_new=2, causal=True, alibi=True, splits=splits, seed=splits))
 
 
+@pytest.mark.parametrize("arch", [None, 75])
+@pytest.mark.parametrize("hint", [True, False])
+def test_split_merge_is_exact_and_deterministic(arch, hint, monkeypatch):
+    """The last CTA of each group merges the splits in split order: repeated calls are
+    bit-identical and match the reference, with the L2 hint on the loads or without."""
+    import torch
+    from portattn.arch import plan_decode
+    monkeypatch.setattr(plan_decode, "TC_L2_HINT", hint)
+    c = Case(arch=arch, batch=3, sq=2, group=4, hkv=2, d=128, capacity=3000, lens="random",
+             splits=7, alibi=True, seed=11)
+    check(c)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    q = torch.randn(3, 1, 16, 128, device="cuda", dtype=torch.float16, generator=g)
+    kc = torch.randn(3, 5000, 4, 128, device="cuda", dtype=torch.float16, generator=g)
+    vc = torch.randn(3, 5000, 4, 128, device="cuda", dtype=torch.float16, generator=g)
+    lens = torch.tensor([5000, 17, 4321], device="cuda", dtype=torch.int32)
+    with forced_arch(arch):
+        runs = [portattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, num_splits=n,
+                                                 return_softmax_lse=True)
+                for n in (9, 9, 9, 0, 0)]
+    for out, lse in runs[1:3]:
+        assert torch.equal(out, runs[0][0]) and torch.equal(lse, runs[0][1])
+    assert torch.equal(runs[3][0], runs[4][0]) and torch.equal(runs[3][1], runs[4][1])
+
+
+def test_turing_tensor_core_decode_forced_on_this_gpu():
+    """PORTATTN_PATH=sm75 runs the m16n8k8 decode kernel on any sm_75+ GPU."""
+    from portattn.testing import forced_path
+    with forced_path("sm75"):
+        for d, page, sq, group in ((64, 0, 1, 8), (128, 16, 3, 4), (256, 0, 16, 1), (72, 64, 1, 5)):
+            c = Case(sq=sq, group=group, d=d, capacity=777, page=page, s_new=1, causal=True,
+                     splits=0, seed=d)
+            c_out, c_lse, k_ok, v_ok, plan = run_case(c)
+            assert plan.path == "sm75", plan.describe()
+            assert c_out.ok and c_lse.ok and k_ok and v_ok, (c, c_out, c_lse)
+
+
 def test_cache_seqlens_int64_refused_on_gpu():
     import torch
     q = torch.randn(1, 1, 4, 64, device="cuda", dtype=torch.float16)

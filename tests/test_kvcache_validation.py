@@ -215,8 +215,14 @@ def test_forced_paths():
         select_decode_plan(device_from_arch(75), DecodeProblem("float16", 128), only="sm80")
     with pytest.raises(ValueError, match="not 16-byte aligned"):
         select_decode_plan(dev90, DecodeProblem("bfloat16", 64, aligned=False), only="sm80")
-    with pytest.raises(ValueError, match="PORTATTN_PATH=sm75: KV-cache decoding has the simt"):
-        select_decode_plan(dev90, DecodeProblem("float16", 128), only="sm75")
+    sm75 = select_decode_plan(dev90, DecodeProblem("float16", 128), only="sm75")
+    assert sm75.path == "sm75" and sm75.spec.mma == 75
+    with pytest.raises(ValueError, match="bf16 has no MMA before sm_80"):
+        select_decode_plan(dev90, DecodeProblem("bfloat16", 128), only="sm75")
+    with pytest.raises(ValueError, match="sm_70 lacks m16n8k8"):
+        select_decode_plan(device_from_arch(70), DecodeProblem("float16", 128), only="sm75")
+    with pytest.raises(ValueError, match="PORTATTN_PATH=sm70: KV-cache decoding has the simt"):
+        select_decode_plan(dev90, DecodeProblem("float16", 128), only="sm70")
 
 
 def test_tensor_cores_only_where_exact_and_aligned():
@@ -225,8 +231,14 @@ def test_tensor_cores_only_where_exact_and_aligned():
             for aligned in (True, False):
                 plan = select_decode_plan(device_from_arch(cc),
                                           DecodeProblem(dtype, 128, aligned=aligned))
-                want = cc >= 80 and dtype != "float32" and aligned
-                assert (plan.path == "sm80") == want, (cc, dtype, aligned, plan.describe())
+                want = ("sm80" if cc >= 80 and dtype != "float32" and aligned else
+                        "sm75" if cc == 75 and dtype == "float16" and aligned else "simt")
+                assert plan.path == want, (cc, dtype, aligned, plan.describe())
+                assert plan.spec.mma == (int(want[2:]) if want != "simt" else 0)
+                if want == "simt" and cc < 80 and dtype != "float32":
+                    assert "tensor-core decode" in plan.rejected[0][0]
+                    assert ("bf16 has no MMA" in plan.rejected[0][1] or "lacks m16n8k8"
+                            in plan.rejected[0][1] or "aligned" in plan.rejected[0][1])
 
 
 # ------------------------------------------------------------------------- the plan
@@ -267,8 +279,8 @@ def test_every_plan_uses_a_gated_spec(d, group, sq, cc, dtype, aligned):
     plan = select_decode_plan(dev, DecodeProblem(dtype, d, sq, 4096, 2, 2 * group, 2,
                                                  aligned=aligned))
     gated = all_decode_specs_for(dev)
-    assert plan.spec in gated and plan.combine_spec in gated and plan.append_spec in gated
-    kd = tc_head_dim(d) if plan.path == "sm80" else decode_head_dim(d)
+    assert plan.spec in gated and plan.append_spec in gated
+    kd = tc_head_dim(d) if plan.path != "simt" else decode_head_dim(d)
     assert plan.spec.head_dim == kd >= d
     assert plan.spec.block_m * plan.row_tiles >= group * sq
     assert plan.num_splits >= 1 and plan.ctas_per_sm >= 1

@@ -147,3 +147,32 @@ def test_dout_shape_is_validated():
     _, q, k, v, g = _inputs(1)
     with pytest.raises(ValueError, match="dout shape"):
         attention_grad_ref(q, k, v, g[:, :3])
+
+
+@pytest.mark.parametrize("kw", [
+    {}, {"causal": True}, {"causal": True, "causal_align": "top_left"},
+    {"window_size": (1, 2), "softcap": 1.5,
+     "alibi_slopes": np.array([[0.3, 0.7], [0.1, 0.5], [0.2, 0.4]])},
+], ids=["plain", "causal", "causal_top_left", "features"])
+def test_varlen_grad_matches_finite_differences(kw):
+    """attention_varlen_grad_ref is the gradient of sum(attention_varlen_ref * dout),
+    including a sequence with no queries (its keys get zero gradient) and one with no keys."""
+    from portattn.reference import attention_varlen_grad_ref, attention_varlen_ref
+    rng = np.random.default_rng(7)
+    cu_q, cu_k = np.array([0, 3, 3, 7]), np.array([0, 4, 6, 6])
+    q, k, v = (rng.standard_normal(s) for s in ((7, 2, 3), (6, 1, 3), (6, 1, 4)))
+    dout = rng.standard_normal((7, 2, 4))
+    grads = attention_varlen_grad_ref(q, k, v, dout, cu_q, cu_k, **kw)
+    eps = 1e-6
+    for x, g in zip((q, k, v), grads):
+        num = np.zeros_like(x)
+        for idx in np.ndindex(x.shape):
+            x[idx] += eps
+            hi = np.sum(attention_varlen_ref(q, k, v, cu_q, cu_k, **kw) * dout)
+            x[idx] -= 2 * eps
+            lo = np.sum(attention_varlen_ref(q, k, v, cu_q, cu_k, **kw) * dout)
+            x[idx] += eps
+            num[idx] = (hi - lo) / (2 * eps)
+        np.testing.assert_allclose(g, num, rtol=1e-6, atol=1e-7)
+    assert not grads[1][4:].any() and not grads[2][4:].any()   # the query-less sequence's keys
+    assert not grads[0][3:].any()                               # the key-less sequence's rows

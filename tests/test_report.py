@@ -70,8 +70,11 @@ def test_report_arch_text(capsys, arch, facts_line):
     assert f"no CUDA GPU: {NO_GPU_WHY}" in out
     assert f"plans below are for {arch} from the arch table" in out
     lines = out.splitlines()
-    bwd = lines.index("backward (dK/dV tile; the same tile computes dQ in deterministic mode):")
-    assert all(line.split()[2] == "simt" for line in lines[bwd + 1:bwd + 25])
+    bwd = lines.index("backward (the dK/dV stage's tile; deterministic mode computes dQ on SIMT):")
+    # Backward: Turing's fp16 dK/dV up to d128 is tensor-core (tc_bwd), the rest SIMT.
+    assert all(line.split()[2] == ("sm75" if arch == "sm_75" and line.split()[0] == "float16"
+                                   and int(line.split()[1]) <= 128 else "simt")
+               for line in lines[bwd + 1:bwd + 25])
     rows = rows_of(out)
     assert len(rows) == 48
     assert {(r[0], int(r[1]), r[2]) for r in rows} == \

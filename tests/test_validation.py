@@ -187,15 +187,15 @@ def test_explain_problem_defaults(table_detect):
     assert not (p.causal or p.alibi or p.softcap or p.bias)
 
 
-@pytest.mark.parametrize("align, diag", [("bottom_right", SK - SQ), ("top_left", 0)])
-def test_prepare_scale_diagonal_and_bias_strides(table_detect, align, diag):
+@pytest.mark.parametrize("align, bottom_right", [("bottom_right", True), ("top_left", False)])
+def test_prepare_scale_diagonal_and_bias_strides(table_detect, align, bottom_right):
     q, k, v = qkv(dtype="float32")
     p = api._prepare(q, k, v, dropout_p=0.0, softmax_scale=None, causal=True,
                      window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                      deterministic=False, return_attn_probs=False,
                      bias=arr(B, 1, 1, SK, dtype="float32"), causal_align=align)
     assert p.scale == pytest.approx(1 / math.sqrt(D))
-    assert p.diag_off == diag and p.window == (-1, 0)
+    assert p.align_br is bottom_right and p.window == (-1, 0)
     # Broadcast dims get stride 0 so the kernel re-reads the same bias row.
     assert p.bias_strides == (SK, 0, 0, 1)
 
@@ -335,8 +335,14 @@ def test_k_head_dim_differs(fn):
 # ------------------------------------------------------------------ invalid options
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 1e-9])
-def test_dropout_not_implemented(fn, p):
-    _raises(fn, NotImplementedError, r"dropout_p > 0 is not implemented", *qkv(), dropout_p=p)
+def test_dropout_with_seed_reaches_detect(fn, p):
+    reaches_detect(fn, *qkv(), dropout_p=p, dropout_seed=2 ** 64 - 1, dropout_offset=7)
+
+
+@pytest.mark.parametrize("p", [0.1, 1e-9])
+def test_dropout_without_seed_refused_for_non_torch_arrays(fn, p):
+    _raises(fn, ValueError, r"^dropout_seed must be an int in \[0, 2\*\*64\) when dropout_p > 0 "
+            r"with CuPy arrays .*got None$", *qkv(), dropout_p=p)
 
 
 @pytest.mark.parametrize("p", [1.5, -0.1, 1.0, float("nan"), "0"])
@@ -345,9 +351,9 @@ def test_dropout_out_of_range(fn, p):
             *qkv(), dropout_p=p)
 
 
-def test_return_attn_probs_not_implemented(fn):
-    _raises(fn, NotImplementedError, r"return_attn_probs=True is not implemented", *qkv(),
-            return_attn_probs=True)
+def test_return_attn_probs_small_shapes_reach_detect(fn):
+    reaches_detect(fn, *qkv(), return_attn_probs=True)
+    reaches_detect(fn, *qkv(), return_attn_probs=True, dropout_p=0.2, dropout_seed=1)
 
 
 @pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf"), "0.1", None])
@@ -486,3 +492,53 @@ def test_import_needs_no_cupy_or_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
     assert out.stdout.strip() == "[]", out.stdout
+
+
+# ------------------------------------------------------------------ dropout arguments
+
+@pytest.mark.parametrize("seed, exc, pattern", [
+    (-1, ValueError, r"^dropout_seed must be in \[0, 2\*\*64\), got -1$"),
+    (2 ** 64, ValueError, r"^dropout_seed must be in \[0, 2\*\*64\), got 18446744073709551616$"),
+    (1.0, TypeError, r"^dropout_seed must be an int in \[0, 2\*\*64\) or None, got float$"),
+    (True, TypeError, r"^dropout_seed must be an int in \[0, 2\*\*64\) or None, got bool$"),
+    ("1", TypeError, r"^dropout_seed must be an int in \[0, 2\*\*64\) or None, got str$"),
+])
+def test_dropout_seed_invalid(fn, seed, exc, pattern):
+    _raises(fn, exc, pattern, *qkv(), dropout_p=0.1, dropout_seed=seed)
+
+
+@pytest.mark.parametrize("offset, exc, pattern", [
+    (-1, ValueError, r"^dropout_offset must be in \[0, 2\*\*32\), got -1$"),
+    (2 ** 32, ValueError, r"^dropout_offset must be in \[0, 2\*\*32\), got 4294967296$"),
+    (None, TypeError, r"^dropout_offset must be an int in \[0, 2\*\*32\), got NoneType$"),
+    (0.5, TypeError, r"^dropout_offset must be an int in \[0, 2\*\*32\), got float$"),
+])
+def test_dropout_offset_invalid(fn, offset, exc, pattern):
+    _raises(fn, exc, pattern, *qkv(), dropout_p=0.1, dropout_seed=3, dropout_offset=offset)
+
+
+def test_numpy_integer_seed_and_offset_accepted(sentinel_detect):
+    reaches_detect(portattn.explain, *qkv(), dropout_p=0.3, dropout_seed=np.uint64(2 ** 63),
+                   dropout_offset=np.int32(5))
+
+
+def test_return_attn_probs_size_limit(fn):
+    # 2 * 4 * 4096 * 2049 elements > 2**26: refused, naming the limit and the product.
+    q, k, v = qkv(sq=4096, sk=2049)
+    _raises(fn, ValueError, r"^return_attn_probs=True is a debugging aid for small shapes: "
+            r"batch \* nheads \* seqlen_q \* seqlen_k must be <= 67108864 \(2\*\*26\), got "
+            r"2 \* 4 \* 4096 \* 2049 = 67141632$", q, k, v, return_attn_probs=True)
+    q, k, v = qkv(sq=4096, sk=2048)     # exactly 2**26 is allowed
+    reaches_detect(fn, q, k, v, return_attn_probs=True)
+
+
+@pytest.mark.parametrize("flag, typename", [(1, "int"), ("yes", "str"), (None, "NoneType")])
+def test_return_attn_probs_not_bool(fn, flag, typename):
+    _raises(fn, TypeError, rf"^return_attn_probs must be a bool, got {typename}$", *qkv(),
+            return_attn_probs=flag)
+
+
+def test_explain_says_dropout_is_on(table_detect):
+    text = str(portattn.explain(*qkv(), dropout_p=0.25, dropout_seed=9))
+    assert "dropout p=0.25" in text
+    assert "dropout" not in str(portattn.explain(*qkv()))

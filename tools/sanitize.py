@@ -20,6 +20,10 @@ portattn.flash_attn_func for each dtype, checking each result against reference.
     window     sq=64, sk=64,  d=128, window (16, 8)
     features   sq=47, sk=33,  d=96, batch 2, causal bottom-right (14 fully masked rows),
                softcap, ALiBi and a float bias
+    tc_bwd     sq=129, sk=257, d=128, GQA 4/2, causal (one row/key past tc_bwd.cu's 64-row
+               query step and 128-key tile on sm_80+, its 16x64 tile on sm_75)
+    varlen     a packed batch of 4 sequences, (sq, sk) = (65, 129), (0, 3), (17, 0),
+               (1, 1), d=64, GQA 2/1, causal: forward and backward (flash_attn_varlen_*)
 
 bfloat16 needs torch; without torch the child uses CuPy arrays and skips it. Archs newer
 than the real GPU are skipped. A first child without the sanitizer compiles every kernel
@@ -87,8 +91,11 @@ SHAPES = (
     Shape("window", 1, 64, 64, 1, 1, 128, {"window_size": (16, 8)}),
     Shape("features", 2, 47, 33, 2, 2, 96, {"causal": True, "softcap": 5.0}, alibi=True,
           bias=True),
+    Shape("tc_bwd", 1, 129, 257, 4, 2, 128, {"causal": True}),
 )
 
+# (seqlen_q, seqlen_k) per sequence of the varlen case, as two tuples.
+VARLEN_LENS = ((65, 0, 17, 1), (129, 3, 0, 1))
 
 # ---------------------------------------------------------------- child: run the cases
 
@@ -99,8 +106,8 @@ def _child(archs: list, dtypes: list) -> int:
 
     import portattn
     from portattn.arch import parse_arch
-    from portattn.testing import (check_backward, check_forward, forced_arch, random_inputs,
-                                  to_device)
+    from portattn.testing import (check_backward, check_forward, check_varlen, forced_arch,
+                                  random_inputs, to_device)
 
     cupy.cuda.set_allocator(None)
     try:
@@ -153,6 +160,24 @@ def _child(archs: list, dtypes: list) -> int:
                 failed += not ok
                 print(f"CASE {'ok' if ok else 'FAIL'} {what} [{plan.path}:{plan.spec.short()}]:"
                       f" {c_out}; {c_lse}; " + "; ".join(str(g) for g in grads), flush=True)
+            # A packed varlen batch: sequences ending mid-tile, an empty one, one with no
+            # keys, GQA and causal; CTAs past a short sequence's end must return untouched.
+            rng = np.random.default_rng(len(SHAPES))
+            cu_q, cu_k = (np.cumsum([0, *lens]).astype(np.int32) for lens in VARLEN_LENS)
+            arrays = {n: random_inputs(rng, (int(cu[-1]), h, 64), dtype) for n, cu, h in
+                      (("q", cu_q, 2), ("k", cu_k, 1), ("v", cu_k, 1), ("dout", cu_q, 2))}
+            what = f"{arch} {dtype} varlen"
+            try:
+                with forced_arch(cc):
+                    checks = check_varlen({"causal": True}, arrays, cu_q, cu_k, dtype, kind)
+            except Exception as e:
+                failed += 1
+                print(f"CASE FAIL {what}: {type(e).__name__}: {e}", flush=True)
+                continue
+            ok = all(c.ok for c in checks)
+            failed += not ok
+            print(f"CASE {'ok' if ok else 'FAIL'} {what}: " + "; ".join(map(str, checks)),
+                  flush=True)
     cupy.cuda.runtime.deviceSynchronize()
     return 1 if failed else 0
 

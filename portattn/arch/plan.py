@@ -27,6 +27,7 @@ class Problem:
     alibi: bool = False
     softcap: bool = False
     bias: bool = False
+    varlen: bool = False     # packed sequences: batch = their count, seqlens the longest
 
 
 @dataclass(frozen=True)

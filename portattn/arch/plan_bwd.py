@@ -1,10 +1,11 @@
 """Backward plan: which kernels and tiles compute dQ, dK and dV on a device, and why.
 
 Pure and table-driven like ``select_plan``. A backward plan is one spec per stage
-(``BWD_STAGES``: pre, dkdv, dq, cvt), so another family (a tensor-core dK/dV kernel, say)
-slots in by returning its own specs for the stages it implements. This release has the SIMT
-family only, on every arch; its one kernel takes the stage as a run-time argument, so all
-four stages name the same spec (one compile per dtype, head-dim bucket and tile).
+(``BWD_STAGES``: pre, dkdv, dq, cvt). The SIMT family (simt_bwd.cu) runs every stage on
+every arch, all four naming one spec (the stage is a run-time argument). On sm_80+
+(fp16/bf16) and sm_75 (fp16) the dkdv stage -- all but a few percent of the work, dQ's
+atomics included -- is tensor-core (tc_bwd.cu, paths "sm80"/"sm75"), pre and cvt run in
+tc_bwd's low-register row kernel, and the deterministic dq stage stays on the SIMT spec.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from ..spec import DTYPES, MAX_HEAD_DIM, KernelSpec, head_dim_bucket
 from .device import DeviceInfo
 from .plan import PATH_NAMES, TARGET_WARPS_PER_SM, Problem, ctas_per_sm, validate_problem
+from .table import MMA_M8N8K4, MMA_M16N8K8, MMA_M16N8K16
 
 # SIMT backward tiles (block_m query rows, block_n key rows, threads, tx), best first.
 # tx lanes split a query tile (S^T, dP^T) and the head dim (dK, dV, dQ); threads/tx
@@ -105,26 +107,132 @@ def _plan_simt_bwd(device: DeviceInfo, problem: Problem):
                   f"resident (target {TARGET_WARPS_PER_SM} warps) in {lim}")
 
 
+# Tensor-core dK/dV tiles (block_m query rows per step, block_n keys, threads), best first.
+# Each warp owns 16 keys (block_n = 16 x warps) and keeps their dK and dV (16 x d, fp32) in
+# registers; S^T and dP^T of a query step take block_m more per thread.
+TC_BWD_TILES = (
+    (64, 128, 256),   # FA2's d<=128 tile: Q/dO re-read and dQ atomics per key = 1/128
+    (64, 64, 128),
+    (32, 64, 128),    # 99 KB (sm_86/89) and Turing's 64 KB at d128
+    (32, 32, 64),
+    (16, 64, 128),    # Turing d128: S^T + dP^T of 16 queries keep it under 255 registers
+)
+# Estimated live fp32 registers per thread, d (dK + dV) + block_m (S^T + dP^T), budget per
+# MMA policy. NVRTC 12.9: sm_80 est 192 (d128, 64x128) compiles to 249 registers with no
+# spills; sm_75 (two MMAs per k16 step) spilled at est 160 (d128 32x64, d96 64x64) and
+# fits at 144 (d128 16x64: 252 registers). Larger head dims would hold more accumulators
+# than a thread has registers (d256: 256 for dK + dV alone), so they stay on SIMT until a
+# kernel splits the head dim across warps.
+TC_BWD_MAX_EST_REGS = {80: 192, 75: 144}
+# d160 (32x64, est 192) spilled 52-72 bytes on sm_80/86 with one 16-key block per warp.
+TC_BWD_MAX_HEAD_DIM = 128
+# (head dim, block_m, block_n, threads) within the estimate that ptxas still spilled
+# (NVRTC 12.9, sm_80): d96 64x128 (dQ in 16-column chunks of 48 per warp), 4-8 bytes.
+TC_BWD_SPILLED = {(96, 64, 128, 256)}
+# MMA policy per forward path name and the instruction it needs.
+TC_BWD_POLICIES = {"sm80": (80, MMA_M16N8K16, ("float16", "bfloat16")),
+                   "sm75": (75, MMA_M16N8K8, ("float16",))}
+
+
+def tc_bwd_row_spec(dtype: str, mma: int) -> KernelSpec:
+    """tc_bwd.cu's row stages (pre, cvt): block_m = 0 selects them; the head dim is a
+    run-time argument there, so one compile per dtype and MMA policy serves every d."""
+    return KernelSpec("tc_bwd", dtype, 32, 0, 0, 256, mma=mma)
+
+
+def tc_bwd_est_regs(bm: int, d: int) -> int:
+    return d + bm
+
+
+def tc_bwd_tile_ok(bm: int, bn: int, threads: int, d: int) -> bool:
+    """tc_bwd.cu's static shape rules: 16 keys per warp, and dQ's 16-row blocks x head-dim
+    column groups (multiples of 16) cover the warps exactly."""
+    warps = threads // 32
+    qb = bm // 16
+    if bn != 16 * warps or bm % 16 or qb == 0 or warps % qb:
+        return False
+    dw = d // (warps // qb)
+    return dw * (warps // qb) == d and dw % 16 == 0
+
+
+def _plan_tc_bwd(device: DeviceInfo, problem: Problem, mma: int):
+    d = head_dim_bucket(problem.head_dim)
+    lim = f"{device.smem_per_block // 1024} KB/block, {device.smem_per_sm // 1024} KB/SM"
+    budget = TC_BWD_MAX_EST_REGS[mma]
+    if d > TC_BWD_MAX_HEAD_DIM or tc_bwd_est_regs(16, d) > budget:
+        return None, (f"head dim {d}: dK + dV of 16 keys x d per warp need ~{d} fp32 "
+                      f"registers per thread before S and dP (budget {budget})")
+    for bm, bn, threads in TC_BWD_TILES:
+        if (not tc_bwd_tile_ok(bm, bn, threads, d) or tc_bwd_est_regs(bm, d) > budget
+                or (d, bm, bn, threads) in TC_BWD_SPILLED):
+            continue
+        spec = KernelSpec("tc_bwd", problem.dtype, d, bm, bn, threads, mma=mma)
+        smem = spec.smem_bytes
+        if smem > device.smem_per_block:
+            continue
+        ctas = ctas_per_sm(device, threads, smem)
+        return (spec, smem, ctas), (
+            f"{bm}x{bn} tile, {threads // 32} warps of 16 keys: the first in TC_BWD_TILES "
+            f"(largest key tile first: fewer Q/dO re-reads and dQ atomics per key) within "
+            f"~{tc_bwd_est_regs(bm, d)} accumulator registers and {lim}")
+    return None, f"no tensor-core backward tile for head dim {d} fits {lim}"
+
+
 def select_bwd_plan(device: DeviceInfo, problem: Problem, only: str | None = None) -> BwdPlan:
     """Kernels and tiles for the backward pass of ``problem`` on ``device``; pure.
 
-    ``only`` (PORTATTN_PATH) names the forward's path; the backward runs SIMT whatever it
-    is, since no tensor-core backward exists yet, and says so in the reason."""
+    ``only`` (PORTATTN_PATH) names a forward path: "simt" keeps the backward on SIMT,
+    "sm80"/"sm75" allow only that tensor-core policy for the dkdv stage (falling back to
+    SIMT, with the reason, where it cannot run), "sm70" has no backward kernel of its own
+    and means SIMT."""
     validate_problem(problem)
     if only is not None and only not in PATH_NAMES:
         raise ValueError(f"path must be one of {PATH_NAMES}, got {only!r}")
-    picked, why = _plan_simt_bwd(device, problem)
+    picked, simt_why = _plan_simt_bwd(device, problem)
     if picked is None:
-        raise ValueError(f"no backward plan for {problem} on {device.describe()}: {why}")
-    spec, smem, ctas = picked
-    specs = {stage: spec for stage in BWD_STAGES}
-    rejected = tuple((p, "no tensor-core backward kernel in this release of portattn")
-                     for p in PATH_NAMES if p != "simt")
-    head = "the only backward family in this release"
-    if only is not None and only != "simt":
-        head += f" (PORTATTN_PATH={only} applies to the forward)"
-    return BwdPlan(path="simt", specs=specs, smem_bytes=smem, ctas_per_sm=ctas,
-                   reason=f"{head}; {why}", rejected=rejected, plan_cc=device.plan_cc)
+        raise ValueError(f"no backward plan for {problem} on {device.describe()}: {simt_why}")
+    simt_spec, simt_smem, simt_ctas = picked
+    f = device.facts
+    rejected = []
+    chosen = None
+    for name, (mma, need, dtypes) in TC_BWD_POLICIES.items():
+        why = None
+        if only is not None and only != name:
+            why = f"excluded: PORTATTN_PATH={only}"
+        elif f.mma < need:
+            why = f"needs {'m16n8k16' if need == MMA_M16N8K16 else 'm16n8k8'}; {f.name} has " \
+                  f"{f.mma_name}"
+        elif problem.dtype not in dtypes:
+            why = f"{problem.dtype} has no {name} tensor-core backward"
+        elif chosen is not None:
+            why = f"lower preference than {chosen[0]}"
+        if why is None:
+            tc, tile_why = _plan_tc_bwd(device, problem, mma)
+            if tc is None:
+                why = tile_why
+            else:
+                chosen = (name, tc, tile_why)
+                continue
+        rejected.append((name, why))
+    rejected.append(("sm70", "no m8n8k4 backward kernel in this release (Volta runs SIMT)"
+                     if f.mma == MMA_M8N8K4 else "no m8n8k4 backward kernel in this release"))
+    if chosen is not None:
+        name, (spec, smem, ctas), tile_why = chosen
+        rows = tc_bwd_row_spec(problem.dtype, spec.mma)
+        specs = {"pre": rows, "dkdv": spec, "dq": simt_spec, "cvt": rows}
+        reason = (f"tensor-core dK/dV (+ atomic dQ) for {problem.dtype} on {f.name}; "
+                  f"{tile_why}; pre and cvt in tc_bwd's row kernel, deterministic dq on "
+                  f"SIMT {simt_spec.block_m}x{simt_spec.block_n}")
+        rejected.append(("simt", f"dK/dV stage: lower preference than {name}"))
+        return BwdPlan(path=name, specs=specs, smem_bytes=smem, ctas_per_sm=ctas,
+                       reason=reason, rejected=tuple(rejected), plan_cc=device.plan_cc)
+    specs = {stage: simt_spec for stage in BWD_STAGES}
+    head = "no tensor-core backward applies"
+    if only is not None and only not in TC_BWD_POLICIES and only != "simt":
+        head += f" (PORTATTN_PATH={only} has no backward kernel)"
+    return BwdPlan(path="simt", specs=specs, smem_bytes=simt_smem, ctas_per_sm=simt_ctas,
+                   reason=f"{head}; {simt_why}", rejected=tuple(rejected),
+                   plan_cc=device.plan_cc)
 
 
 def all_bwd_specs_for(device: DeviceInfo):

@@ -2,28 +2,67 @@
 // No CUDA headers are included: NVRTC 11.x-13.x all compile this as-is, and the element
 // types are plain 16-bit payloads converted with PTX that exists on every target (sm_50+).
 #pragma once
+#include "philox.cuh"
+
+// Dropout (philox.cuh) is the last four arguments of both lists: drop_threshold 0 turns it
+// off, drop_scale is 1 / (1 - p) (1 when off).
 
 // The forward kernels' argument list, in the order api._launch passes it (one place, so
 // the families and the launcher cannot drift apart).
 #define PORTATTN_FWD_PARAMS(T) \
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, \
     T* __restrict__ o, float* __restrict__ lse, const void* __restrict__ bias, \
-    const float* __restrict__ alibi, \
+    const float* __restrict__ alibi, const int* __restrict__ cu_q, \
+    const int* __restrict__ cu_k, \
     long long q_sb, long long q_ss, long long q_sh, \
     long long k_sb, long long k_ss, long long k_sh, \
     long long v_sb, long long v_ss, long long v_sh, \
     long long o_sb, long long o_ss, long long o_sh, \
+    long long lse_sb, long long lse_sh, \
     long long bias_sb, long long bias_sh, long long bias_sq, long long bias_sk, \
     long long alibi_sb, long long alibi_sh, \
     int hq, int group, int sq, int sk, int d, \
-    int win_left, int win_right, int diag_off, \
-    float scale_log2, float softcap_log2, int bias_kind, int vec_flags
+    int win_left, int win_right, int align_br, \
+    float scale_log2, float softcap_log2, int bias_kind, int vec_flags, \
+    unsigned long long drop_seed, unsigned drop_offset, unsigned drop_threshold, \
+    float drop_scale
+
+// The backward kernels' argument list, in the order backward._launch_bwd passes it: every
+// backward family takes it, so a stage's kernel can come from any family.
+#define PORTATTN_BWD_PARAMS(T) \
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, \
+    const T* __restrict__ o, const T* __restrict__ dout, const float* __restrict__ lse, \
+    float* __restrict__ lse2, float* __restrict__ delta, float* __restrict__ dq_accum, \
+    T* __restrict__ dq, T* __restrict__ dk, T* __restrict__ dv, \
+    const void* __restrict__ bias, const float* __restrict__ alibi, \
+    const int* __restrict__ cu_q, const int* __restrict__ cu_k, \
+    long long q_sb, long long q_ss, long long q_sh, \
+    long long k_sb, long long k_ss, long long k_sh, \
+    long long v_sb, long long v_ss, long long v_sh, \
+    long long o_sb, long long o_ss, long long o_sh, \
+    long long do_sb, long long do_ss, long long do_sh, \
+    long long lse_sb, long long lse_sh, long long lse_ss, long long st_sb, long long st_sh, \
+    long long dq_sb, long long dq_ss, long long dq_sh, \
+    long long dk_sb, long long dk_ss, long long dk_sh, \
+    long long dv_sb, long long dv_ss, long long dv_sh, \
+    long long bias_sb, long long bias_sh, long long bias_sq, long long bias_sk, \
+    long long alibi_sb, long long alibi_sh, \
+    int batch, int hq, int group, int sq, int sk, int d, \
+    int win_left, int win_right, int align_br, \
+    float scale_log2, float softcap_log2, float dq_scale, int bias_kind, int vec_flags, \
+    int stage, unsigned long long drop_seed, unsigned drop_offset, unsigned drop_threshold, \
+    float drop_scale
+
+// The same list as arguments, to hand a kernel's parameters to a device function.
+#define PORTATTN_BWD_ARGS \
+    q, k, v, o, dout, lse, lse2, delta, dq_accum, dq, dk, dv, bias, alibi, cu_q, cu_k, q_sb, \
+    q_ss, q_sh, k_sb, k_ss, k_sh, v_sb, v_ss, v_sh, o_sb, o_ss, o_sh, do_sb, do_ss, do_sh, \
+    lse_sb, lse_sh, lse_ss, st_sb, st_sh, dq_sb, dq_ss, dq_sh, dk_sb, dk_ss, dk_sh, dv_sb, \
+    dv_ss, dv_sh, bias_sb, bias_sh, bias_sq, bias_sk, alibi_sb, alibi_sh, batch, hq, group, \
+    sq, sk, d, win_left, win_right, align_br, scale_log2, softcap_log2, dq_scale, bias_kind, \
+    vec_flags, stage, drop_seed, drop_offset, drop_threshold, drop_scale
 
 namespace portattn {
-
-// NVRTC has no <type_traits>.
-template <bool B, class A, class C> struct conditional { using type = A; };
-template <class A, class C> struct conditional<false, A, C> { using type = C; };
 
 struct half_t { unsigned short bits; };
 struct bf16_t { unsigned short bits; };
@@ -32,6 +71,7 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+__device__ __forceinline__ float pos_inf() { return __int_as_float(0x7f800000); }
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(half_t x) {
@@ -204,13 +244,49 @@ struct ScoreMods {
   }
 };
 
+// One batch entry's sequence: its lengths, its causal/window diagonal and where its tokens
+// start. Dense batches: every entry has the full lengths and starts at token 0 (the batch
+// strides do the rest). Varlen (cu_q non-null): entry b is tokens [cu_q[b], cu_q[b+1]) of
+// q/o/lse and [cu_k[b], cu_k[b+1]) of k/v, packed along one token axis (batch strides 0).
+struct SeqSpan {
+  int sq, sk, diag_off;   // diag_off: key index of query 0's diagonal (sk - sq bottom-right)
+  long long q0, k0;       // first token row in q/o/lse and in k/v
+
+  __device__ __forceinline__ SeqSpan(int b, int sq_max, int sk_max, const int* cu_q,
+                                     const int* cu_k, int align_br) {
+    if (cu_q != nullptr) {
+      q0 = cu_q[b];
+      k0 = cu_k[b];
+      sq = cu_q[b + 1] - static_cast<int>(q0);
+      sk = cu_k[b + 1] - static_cast<int>(k0);
+    } else {
+      q0 = k0 = 0;
+      sq = sq_max;
+      sk = sk_max;
+    }
+    diag_off = align_br ? sk - sq : 0;
+  }
+  // Offset of this entry's first row in an array with batch stride sb and row stride ss.
+  __device__ __forceinline__ long long q_at(int b, long long sb, long long ss) const {
+    return b * sb + q0 * ss;
+  }
+  __device__ __forceinline__ long long k_at(int b, long long sb, long long ss) const {
+    return b * sb + k0 * ss;
+  }
+};
+
 // The query tile, batch and head a CTA computes. Query tiles of one (batch, head) are
 // adjacent in launch order so its K/V stay in L2; the last (for causal, heaviest) goes first.
-struct CtaTile {
+// The grid covers the longest sequence (sq_max); in a varlen batch a CTA whose tile starts
+// past its own sequence's end gets rows_valid <= 0 and must return before any barrier.
+struct CtaTile : SeqSpan {
   int b, h, hk, m0, rows_valid, last_row;
 
-  __device__ __forceinline__ CtaTile(int bm, int sq, int hq, int group) {
-    const int num_mb = (sq + bm - 1) / bm;
+  __device__ __forceinline__ CtaTile(int bm, int hq, int group, int sq_max, int sk_max,
+                                     const int* cu_q, const int* cu_k, int align_br)
+      : SeqSpan(static_cast<int>(blockIdx.x / ((sq_max + bm - 1) / bm)) / hq, sq_max, sk_max,
+                cu_q, cu_k, align_br) {
+    const int num_mb = (sq_max + bm - 1) / bm;
     const int mb = num_mb - 1 - static_cast<int>(blockIdx.x % num_mb);
     const int bh = static_cast<int>(blockIdx.x / num_mb);
     b = bh / hq;
@@ -232,13 +308,12 @@ struct CtaScores {
                                        long long bias_sb, long long bias_sh, long long bias_sq,
                                        long long bias_sk, const float* alibi,
                                        long long alibi_sb, long long alibi_sh,
-                                       float softcap_log2, int win_left, int win_right,
-                                       int diag_off, int sq, int sk)
+                                       float softcap_log2, int win_left, int win_right)
       : mods(ScoreMods::for_head(t.b, t.h, bias, bias_kind, bias_sb, bias_sh, bias_sq,
                                  bias_sk, alibi, alibi_sb, alibi_sh, softcap_log2, win_left,
-                                 win_right, diag_off, sq, sk)) {
-    n_lo = win_left >= 0 ? max(0, t.m0 + diag_off - win_left) : 0;
-    n_hi = win_right >= 0 ? min(sk, t.last_row + diag_off + win_right + 1) : sk;
+                                 win_right, t.diag_off, t.sq, t.sk)) {
+    n_lo = win_left >= 0 ? max(0, t.m0 + t.diag_off - win_left) : 0;
+    n_hi = win_right >= 0 ? min(t.sk, t.last_row + t.diag_off + win_right + 1) : t.sk;
   }
 
   // Every valid row of the CTA sees every key of [n0, n0 + bn): no per-element mask.
@@ -248,5 +323,48 @@ struct CtaScores {
            (mods.win_right < 0 || n0 + bn - 1 <= t.m0 + mods.diag_off + mods.win_right);
   }
 };
+
+// The backward's row stages, the same in every backward family (backward.BWD_STAGES):
+//   0 pre  delta = rowsum(dO * O) and lse in the log2 domain (+inf where the row saw no
+//          key, so exp2(s - lse2) is exactly 0, never NaN); one warp per (batch, head,
+//          query row), lanes over the head dim (d <= 256 = 32 x 8). A varlen batch runs it
+//          as one sequence of all its tokens, which gives the (head, token) layout the
+//          tile stages read through SeqSpan.
+//   3 cvt  dq = dq_accum * softmax_scale in the input type (both (batch, seqlen, heads, d)
+//          contiguous), a grid-stride loop.
+template <class T, int NT>
+__device__ __forceinline__ void bwd_row_stage(PORTATTN_BWD_PARAMS(T)) {
+  if (stage == 0) {
+    const long long row = static_cast<long long>(blockIdx.x) * (NT / 32) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (row >= static_cast<long long>(batch) * hq * sq) return;
+    const int i = static_cast<int>(row % sq);
+    const int h = static_cast<int>((row / sq) % hq);
+    const int b = static_cast<int>(row / (static_cast<long long>(sq) * hq));
+    const T* orow = o + b * o_sb + static_cast<long long>(i) * o_ss + h * o_sh;
+    const T* drow = dout + b * do_sb + static_cast<long long>(i) * do_ss + h * do_sh;
+    float acc = 0.f;
+    for (int d0 = lane * 8; d0 < d; d0 += 256) {
+      float a[8], g[8];
+      load8(a, orow + d0, d - d0, vec_flags & 8);
+      load8(g, drow + d0, d - d0, vec_flags & 16);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc = fmaf(a[e], g[e], acc);
+    }
+    acc = group_sum<32>(acc);
+    if (lane == 0) {
+      const long long st = b * st_sb + h * st_sh + i;
+      delta[st] = acc;
+      const float l = lse[b * lse_sb + h * lse_sh + static_cast<long long>(i) * lse_ss];
+      lse2[st] = l == neg_inf() ? pos_inf() : l * kLog2e;
+    }
+  } else if (stage == 3) {
+    const long long n = static_cast<long long>(batch) * sq * hq * d;
+    for (long long idx = static_cast<long long>(blockIdx.x) * NT + threadIdx.x; idx < n;
+         idx += static_cast<long long>(gridDim.x) * NT) {
+      dq[idx] = from_float<T>(dq_accum[idx] * dq_scale);
+    }
+  }
+}
 
 }  // namespace portattn

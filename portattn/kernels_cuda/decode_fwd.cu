@@ -1,12 +1,14 @@
 // KV-cache decoding (flash_attn_with_kvcache): attention of a few query rows against a long,
-// possibly paged cache, split across CTAs along the keys (Flash-Decoding), a combine kernel
-// merging the splits by their lse, and the in-place append of new keys/values.
+// possibly paged cache, split across CTAs along the keys (Flash-Decoding), the splits merged
+// by their lse in the last CTA of each group to finish, and the in-place append of new
+// keys/values.
 //
 // Decode reads every cached K/V byte once and does little math per byte. Two attention
-// kernels: decode_tc_kernel (below, sm_80+ with fp16/bf16 and aligned rows) and this SIMT
-// one for everything else, built around memory traffic: each key row is read by L = D/8
-// lanes with one 16-byte load each, a warp covers KW = 32/L keys per step, and U steps
-// are issued before any of them is used, so every thread has 2*U 16-byte loads in flight.
+// kernels: decode_tc_kernel (below; sm_80+ with fp16/bf16, sm_75 with fp16, aligned rows)
+// and this SIMT one for everything else, built around memory traffic: each key row is read
+// by L = D/8 lanes with one 16-byte load each, a warp covers KW = 32/L keys per step, and U
+// steps are issued before any of them is used, so every thread has 2*U 16-byte loads in
+// flight.
 // The GQA group's query heads and the query rows (packed row r = i * group + g) share one
 // CTA, so a K/V byte is read once per KV head for up to R packed rows. Each warp keeps its
 // own online softmax; warps and key groups merge once at the end.
@@ -17,7 +19,7 @@ namespace portattn {
 #define PORTATTN_DECODE_PARAMS(T) \
     const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc, \
     T* __restrict__ o, float* __restrict__ lse, float* __restrict__ o_part, \
-    float* __restrict__ lse_part, const int* __restrict__ seqlens, \
+    float* __restrict__ lse_part, int* __restrict__ counters, const int* __restrict__ seqlens, \
     const int* __restrict__ cache_idx, const int* __restrict__ block_table, \
     const float* __restrict__ alibi, \
     long long q_sb, long long q_ss, long long q_sh, \
@@ -90,6 +92,82 @@ struct KeyLocator {
   }
 };
 
+// An L2 load (ld.global.cg): the partial results of other CTAs of this launch must not
+// come from this SM's L1 or the read-only path.
+__device__ __forceinline__ float ld_cg(const float* p) {
+  float x;
+  asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(x) : "l"(p));
+  return x;
+}
+
+// Split-KV merge without a second kernel: every CTA of a (batch, KV head, row tile) group
+// writes its split's normalised output and lse, and the last to arrive (one atomic per CTA)
+// merges all splits. It reads them in split order, so the result is the same whichever CTA
+// arrives last, and resets the group's counter to 0 for the next launch on the stream.
+// The merge runs at the very end of the kernel, so its L2 round trips are kept few: the
+// group's lse values are read at once into shared memory and turned into weights there,
+// then every output element's num_splits loads are independent.
+constexpr int kMergeRows = 8;      // packed rows per CTA at most (decode_rows, TC_ROWS)
+constexpr int kMaxSplits = 128;    // plan_decode.MAX_SPLITS
+template <class T, int NT>
+__device__ __forceinline__ void combine_if_last(
+    int* counter, const float* o_part, const float* lse_part, T* o, float* lse,
+    long long o_sb, long long o_ss, long long o_sh, long long rows_total, int b, int hk,
+    int hq, int group, int sq, int r0, int rows, int d, int num_splits) {
+  __shared__ float w_s[kMergeRows][kMaxSplits];
+  __shared__ int last_s;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const int last = atomicAdd(counter, 1) == num_splits - 1;
+    if (last) *counter = 0;
+    last_s = last;
+  }
+  __syncthreads();
+  if (!last_s) return;
+  __threadfence();
+  const auto out_row = [&](int r) {
+    const int pr = r0 + r;
+    return (static_cast<long long>(b) * hq + hk * group + pr % group) * sq + pr / group;
+  };
+  for (int x = threadIdx.x; x < rows * num_splits; x += NT) {
+    const int r = x / num_splits, s = x - r * num_splits;
+    w_s[r][s] = ld_cg(lse_part + s * rows_total + out_row(r));
+  }
+  __syncthreads();
+  // One warp per row: the max, the sum of weights and the row's lse, then the weights
+  // normalised in place.
+  const int lane = threadIdx.x & 31;
+  for (int r = threadIdx.x >> 5; r < rows; r += NT / 32) {
+    float mx = neg_inf();
+    for (int s = lane; s < num_splits; s += 32) mx = fmaxf(mx, w_s[r][s]);
+    mx = group_max<32>(mx);
+    const float shift = mx == neg_inf() ? 0.f : mx;
+    float total = 0.f;
+    for (int s = lane; s < num_splits; s += 32)
+      total += fast_exp2((w_s[r][s] - shift) * kLog2e);
+    total = group_sum<32>(total);
+    const float inv = total > 0.f ? 1.f / total : 0.f;
+    __syncwarp();
+    for (int s = lane; s < num_splits; s += 32)
+      w_s[r][s] = fast_exp2((w_s[r][s] - shift) * kLog2e) * inv;
+    if (lane == 0 && lse) lse[out_row(r)] = total > 0.f ? shift + __logf(total) : neg_inf();
+  }
+  __syncthreads();
+  for (int x = threadIdx.x; x < rows * d; x += NT) {
+    const int r = x / d, col = x - r * d;
+    const long long lrow = out_row(r);
+    const float* src = o_part + lrow * d + col;
+    float acc = 0.f;
+#pragma unroll 4
+    for (int s = 0; s < num_splits; ++s)
+      acc = fmaf(w_s[r][s], ld_cg(src + s * rows_total * d), acc);
+    const int pr = r0 + r;
+    o[b * o_sb + (pr / group) * o_ss + (hk * group + pr % group) * o_sh + col] =
+        from_float<T>(acc);
+  }
+}
+
 // Eight consecutive elements kept in their storage type until used, so loads in flight
 // cost 4 registers each (8 for fp32) instead of 8 floats.
 template <class T>
@@ -130,8 +208,11 @@ struct Chunk {
   }
 };
 
+// Two CTAs per SM in the launch bounds: without it ptxas squeezed the 8-row 16-bit variants
+// into 168 registers (3 CTAs) and spilled 4-16 bytes on sm_50..sm_75 once the split merge
+// joined the kernel; the plan sizes SIMT splits for 2 CTAs/SM at 8 rows (DECODE_EST_REGS).
 template <class T, int D, int R, int U, int NT>
-__global__ void __launch_bounds__(NT) decode_fwd_kernel(PORTATTN_DECODE_PARAMS(T)) {
+__global__ void __launch_bounds__(NT, 2) decode_fwd_kernel(PORTATTN_DECODE_PARAMS(T)) {
   constexpr int L = D / 8;          // lanes per key row, 8 elements (16 bytes for 16-bit) each
   constexpr int KW = 32 / L;        // keys per warp step
   constexpr int NW = NT / 32;
@@ -316,38 +397,42 @@ __global__ void __launch_bounds__(NT) decode_fwd_kernel(PORTATTN_DECODE_PARAMS(T
     }
     __syncthreads();
   }
-  if (warp != 0 || kg != 0) return;
-
   const long long rows_total = static_cast<long long>(batch) * hq * sq;
+  if (warp == 0 && kg == 0) {
 #pragma unroll
-  for (int r = 0; r < R; ++r) {
-    if (r >= rows) break;
-    const int pr = r0 + r;
-    const int i = pr / group, h = hk * group + pr % group;
-    // Fully masked rows (and empty splits): output 0 and lse = -inf, never NaN.
-    const float inv = l_i[r] > 0.f ? 1.f / l_i[r] : 0.f;
-    const float row_lse = l_i[r] > 0.f ? (m_i[r] + __log2f(l_i[r])) * kLn2 : neg_inf();
-    const long long lrow = (static_cast<long long>(b) * hq + h) * sq + i;
-    if (o_part) {
-      float* dst = o_part + (split * rows_total + lrow) * d + d0;
+    for (int r = 0; r < R; ++r) {
+      if (r >= rows) break;
+      const int pr = r0 + r;
+      const int i = pr / group, h = hk * group + pr % group;
+      // Fully masked rows (and empty splits): output 0 and lse = -inf, never NaN.
+      const float inv = l_i[r] > 0.f ? 1.f / l_i[r] : 0.f;
+      const float row_lse = l_i[r] > 0.f ? (m_i[r] + __log2f(l_i[r])) * kLn2 : neg_inf();
+      const long long lrow = (static_cast<long long>(b) * hq + h) * sq + i;
+      if (o_part) {
+        float* dst = o_part + (split * rows_total + lrow) * d + d0;
 #pragma unroll
-      for (int e = 0; e < 8; ++e)
-        if (e < dn) dst[e] = acc[r][e] * inv;
-      if (kl == 0) lse_part[split * rows_total + lrow] = row_lse;
-    } else {
-      T* dst = o + b * o_sb + i * o_ss + h * o_sh + d0;
+        for (int e = 0; e < 8; ++e)
+          if (e < dn) dst[e] = acc[r][e] * inv;
+        if (kl == 0) lse_part[split * rows_total + lrow] = row_lse;
+      } else {
+        T* dst = o + b * o_sb + i * o_ss + h * o_sh + d0;
 #pragma unroll
-      for (int e = 0; e < 8; ++e)
-        if (e < dn) dst[e] = from_float<T>(acc[r][e] * inv);
-      if (kl == 0 && lse) lse[lrow] = row_lse;
+        for (int e = 0; e < 8; ++e)
+          if (e < dn) dst[e] = from_float<T>(acc[r][e] * inv);
+        if (kl == 0 && lse) lse[lrow] = row_lse;
+      }
     }
   }
+  if (o_part)
+    combine_if_last<T, NT>(counters + bh * ntiles + tile, o_part, lse_part, o, lse, o_sb, o_ss,
+                           o_sh, rows_total, b, hk, hq, group, sq, r0, rows, d, num_splits);
 }
 
-// Tensor-core decode (sm_80+, fp16/bf16). The SIMT kernel above spends ~0.4 instructions
-// per K/V byte (conversions, per-key shuffle reductions, per-row softmax), more than an
-// H100 can issue at its ~13 bytes/clock/SM of DRAM bandwidth; mma.sync takes the
-// multiply-adds and conversions off the issue slots (~0.03 instructions per byte here).
+// Tensor-core decode (sm_80+ fp16/bf16; sm_75 fp16 through m16n8k8). The SIMT kernel above
+// spends ~0.4 instructions per K/V byte (conversions, per-key shuffle reductions, per-row
+// softmax), more than an H100 can issue at its ~13 bytes/clock/SM of DRAM bandwidth;
+// mma.sync takes the multiply-adds and conversions off the issue slots (~0.03 instructions
+// per byte here).
 //
 // A warp handles 16 keys per step. S = Q K^T is m16n8k16 with the packed query rows as
 // A (rows 8..15 of the tile unused and zero) and K as B: lane (g, t) loads key g of each
@@ -367,14 +452,37 @@ __device__ __forceinline__ void ld16(unsigned (&w)[4], const void* p, bool ok) {
   w[0] = x.x; w[1] = x.y; w[2] = x.z; w[3] = x.w;
 }
 
-template <class T> struct DecodeMma;
-template <> struct DecodeMma<half_t> {
+// The same 16 bytes with the streaming hints described at decode_tc_kernel when hint is set
+// (L2::128B on Turing: ptxas accepts L2::256B from sm_80 on).
+template <int ARCH>
+__device__ __forceinline__ void ld16_stream(unsigned (&w)[4], const void* p, bool ok,
+                                            bool hint) {
+  if (ok && hint) {
+    if constexpr (ARCH >= 80) {
+      asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+                   : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "l"(p));
+    } else {
+      asm volatile("ld.global.nc.L1::no_allocate.L2::128B.v4.u32 {%0, %1, %2, %3}, [%4];"
+                   : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "l"(p));
+    }
+  } else {
+    ld16(w, p, ok);
+  }
+}
+
+// One k16 step of S or O with only rows 0..7 of A in use (rows 8..15 are zero and their
+// accumulators discarded). sm_80+: one m16n8k16. Turing (fp16 only, no bf16 MMA before
+// sm_80): two m16n8k8, whose A/B registers are the k16 step's first and second halves.
+template <class T, int ARCH> struct DecodeMma;
+template <> struct DecodeMma<half_t, 80> {
   static __device__ __forceinline__ void run(float& c0, float& c1, unsigned a0, unsigned a2,
                                              unsigned b0, unsigned b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     asm("{\n .reg .f32 z0, z1;\n"
         " mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,z0,z1}, {%2,%4,%3,%4}, "
         "{%5,%6}, {%0,%1,%7,%7};\n}"
         : "+f"(c0), "+f"(c1) : "r"(a0), "r"(a2), "r"(0u), "r"(b0), "r"(b1), "f"(0.f));
+#endif
   }
   static __device__ __forceinline__ unsigned pack(float lo, float hi) {
     unsigned r;
@@ -382,13 +490,15 @@ template <> struct DecodeMma<half_t> {
     return r;
   }
 };
-template <> struct DecodeMma<bf16_t> {
+template <> struct DecodeMma<bf16_t, 80> {
   static __device__ __forceinline__ void run(float& c0, float& c1, unsigned a0, unsigned a2,
                                              unsigned b0, unsigned b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     asm("{\n .reg .f32 z0, z1;\n"
         " mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,z0,z1}, {%2,%4,%3,%4}, "
         "{%5,%6}, {%0,%1,%7,%7};\n}"
         : "+f"(c0), "+f"(c1) : "r"(a0), "r"(a2), "r"(0u), "r"(b0), "r"(b1), "f"(0.f));
+#endif
   }
   static __device__ __forceinline__ unsigned pack(float lo, float hi) {
     unsigned r;
@@ -396,12 +506,32 @@ template <> struct DecodeMma<bf16_t> {
     return r;
   }
 };
+template <> struct DecodeMma<half_t, 75> {
+  static __device__ __forceinline__ void run(float& c0, float& c1, unsigned a0, unsigned a2,
+                                             unsigned b0, unsigned b1) {
+    asm("{\n .reg .f32 z0, z1;\n"
+        " mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,z0,z1}, {%2,%4}, {%5}, "
+        "{%0,%1,%7,%7};\n"
+        " mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,z0,z1}, {%3,%4}, {%6}, "
+        "{%0,%1,%7,%7};\n}"
+        : "+f"(c0), "+f"(c1) : "r"(a0), "r"(a2), "r"(0u), "r"(b0), "r"(b1), "f"(0.f));
+  }
+  // cvt.rn.f16x2.f32 needs sm_80: two scalar conversions.
+  static __device__ __forceinline__ unsigned pack(float lo, float hi) {
+    return static_cast<unsigned>(from_float<half_t>(lo).bits) |
+           (static_cast<unsigned>(from_float<half_t>(hi).bits) << 16);
+  }
+};
 
 // Up to d128 all of a step's K and V loads are issued together (16 per lane at d128);
 // d256's fragments would not fit in registers, so it loads V after S, 128 columns at a time.
-template <class T, int D, int R, int BN, int NT>
+//
+// vec_flags bit 3: K/V loads carry L2::256B (a miss fetches the whole 256-byte block, so
+// DRAM sees whole rows rather than the 64-byte pieces one K load instruction covers per
+// key) and L1::no_allocate (each byte is used once).
+template <class T, int D, int R, int BN, int NT, int ARCH>
 __global__ void __launch_bounds__(NT) decode_tc_kernel(PORTATTN_DECODE_PARAMS(T)) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 750
   constexpr int NW = NT / 32;
   constexpr int KC = D / 32;        // K loads per key per lane (two k16 steps each)
   constexpr int VC = D / 64;        // V loads per key per lane
@@ -409,7 +539,7 @@ __global__ void __launch_bounds__(NT) decode_tc_kernel(PORTATTN_DECODE_PARAMS(T)
   constexpr int VG = D <= 128 ? VC : 2;   // V loads per key issued together
   static_assert(R == 8 && BN == 16 && D % 64 == 0 && NT % 32 == 0, "decode_tc shape");
   static_assert(sizeof(T) == 2, "16-bit inputs");
-  using Mma = DecodeMma<T>;
+  using Mma = DecodeMma<T, ARCH>;
 
   // d256 parks each lane's Q registers in shared memory during the key loop (its own
   // words only, so no barrier); the cross-warp merge reuses the space afterwards.
@@ -477,6 +607,7 @@ __global__ void __launch_bounds__(NT) decode_tc_kernel(PORTATTN_DECODE_PARAMS(T)
 #pragma unroll
   for (int j = 0; j < NB; ++j) oacc[j][0] = oacc[j][1] = 0.f;
   float m_i = neg_inf(), l_i = 0.f;
+  const bool hint = vec_flags & 8;
 
   for (int base = lo + warp * BN; base < hi; base += NW * BN) {
     unsigned kx[2][KC][4], vx[2][2][VG][4];
@@ -491,7 +622,8 @@ __global__ void __launch_bounds__(NT) decode_tc_kernel(PORTATTN_DECODE_PARAMS(T)
           if (ok) loc.locate(j, ko, vo);
 #pragma unroll
           for (int c = 0; c < VG; ++c)
-            ld16(vx[kb][e][c], vbase + vo + 64 * (c0 + c), ok && 64 * (c0 + c) + 8 * g < d);
+            ld16_stream<ARCH>(vx[kb][e][c], vbase + vo + 64 * (c0 + c),
+                              ok && 64 * (c0 + c) + 8 * g < d, hint);
         }
       }
     };
@@ -503,7 +635,7 @@ __global__ void __launch_bounds__(NT) decode_tc_kernel(PORTATTN_DECODE_PARAMS(T)
       if (ok) loc.locate(j, ko, vo);
 #pragma unroll
       for (int c = 0; c < KC; ++c)
-        ld16(kx[kb][c], kbase + ko + 32 * c, ok && 32 * c + 8 * t < d);
+        ld16_stream<ARCH>(kx[kb][c], kbase + ko + 32 * c, ok && 32 * c + 8 * t < d, hint);
     }
     if constexpr (VG == VC) load_v(0);
 
@@ -617,41 +749,10 @@ __global__ void __launch_bounds__(NT) decode_tc_kernel(PORTATTN_DECODE_PARAMS(T)
       if (col == 0 && lse) lse[lrow] = row_lse;
     }
   }
+  if (o_part)
+    combine_if_last<T, NT>(counters + bh * ntiles + tile, o_part, lse_part, o, lse, o_sb, o_ss,
+                           o_sh, rows_total, b, hk, hq, group, sq, r0, rows, d, num_splits);
 #endif
-}
-
-// One warp per output row (b, h, i): weights exp(lse_s - max) over the splits.
-template <class T, int D, int R, int U, int NT>
-__global__ void __launch_bounds__(NT) decode_combine_kernel(
-    const float* __restrict__ o_part, const float* __restrict__ lse_part,
-    T* __restrict__ o, float* __restrict__ lse, long long o_sb, long long o_ss,
-    long long o_sh, int batch, int hq, int sq, int d, int num_splits) {
-  const long long rows_total = static_cast<long long>(batch) * hq * sq;
-  const long long row = static_cast<long long>(blockIdx.x) * (NT / 32) + (threadIdx.x >> 5);
-  const int lane = threadIdx.x & 31;
-  if (row >= rows_total) return;
-  float mx = neg_inf();
-  for (int s = lane; s < num_splits; s += 32) mx = fmaxf(mx, lse_part[s * rows_total + row]);
-  mx = group_max<32>(mx);
-  const float shift = mx == neg_inf() ? 0.f : mx;
-  float total = 0.f;
-  for (int s = lane; s < num_splits; s += 32)
-    total += fast_exp2((lse_part[s * rows_total + row] - shift) * kLog2e);
-  total = group_sum<32>(total);
-  const float inv = total > 0.f ? 1.f / total : 0.f;
-  const int i = static_cast<int>(row % sq);
-  const int h = static_cast<int>((row / sq) % hq);
-  const int b = static_cast<int>(row / sq / hq);
-  T* dst = o + b * o_sb + i * o_ss + h * o_sh;
-  for (int c = lane; c < d; c += 32) {
-    float a = 0.f;
-    for (int s = 0; s < num_splits; ++s) {
-      const float w = fast_exp2((lse_part[s * rows_total + row] - shift) * kLog2e);
-      a = fmaf(w, o_part[(s * rows_total + row) * d + c], a);
-    }
-    dst[c] = from_float<T>(a * inv);
-  }
-  if (lane == 0 && lse) lse[row] = total > 0.f ? shift + __logf(total) : neg_inf();
 }
 
 // New keys/values of batch row b go to logical positions cache_seqlens[b] + t, through the

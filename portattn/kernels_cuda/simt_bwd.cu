@@ -3,20 +3,21 @@
 // FlashAttention-2 structure, P recomputed from Q, K and the forward's lse (nothing of size
 // seqlen^2 is stored). One kernel, four stages picked by the run-time ``stage`` argument
 // (one compile per tile serves them all), launched in order by backward.py:
-//   0 pre   delta_i = rowsum(dO_i * O_i) and lse in the log2 domain (+inf for rows that
-//           saw no key, so exp2(s - lse) is exactly 0 there and never NaN);
+//   0 pre   delta_i = rowsum(dO_i * O_i) and lse in the log2 domain (common.cuh's
+//           bwd_row_stage, as stage 3);
 //   1 dkdv  one CTA per (key tile, batch, kv head): loops over the group's query heads and
 //           the query tiles that can see the keys, accumulates dK and dV in registers (so
 //           GQA sums over the group without repeating K/V), and, given dq_accum, adds this
 //           tile's share of dQ with fp32 atomics;
 //   2 dq    deterministic dQ: one CTA per (query tile, batch, head) looping over key tiles,
 //           no atomics, so results do not depend on scheduling;
-//   3 cvt   dq = dq_accum * softmax_scale in the input type.
+//   3 cvt   dq = dq_accum * softmax_scale in the input type (bwd_row_stage).
 //
 // Scores use the forward's log2 domain: Q is staged pre-scaled by softmax_scale*log2(e), so
 // the same ScoreMods give the same s, P = exp2(s - lse2), dS = P (dP - delta) times the
 // softcap derivative 1 - tanh^2. With Q~ = Q*scale*log2(e): dK = ln2 * dS^T Q~,
-// dQ = scale * dS K, dV = P^T dO.
+// dQ = scale * dS K, dV = P^T dO. With dropout the forward's mask Z is redrawn
+// (philox.cuh): dV = (P Z / (1 - p))^T dO and dS = P (dP Z / (1 - p) - delta).
 //
 // Shared memory is fp32, every operand stored transposed ([head dim][rows], padded by one
 // column): each thread reads its rows/columns as scalars that are either broadcast within
@@ -24,31 +25,7 @@
 // lets one copy of Q, dO, K and V serve every product (S, dP, dV, dK and dQ).
 #include "common.cuh"
 
-#define PORTATTN_BWD_PARAMS(T) \
-    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, \
-    const T* __restrict__ o, const T* __restrict__ dout, const float* __restrict__ lse, \
-    float* __restrict__ lse2, float* __restrict__ delta, float* __restrict__ dq_accum, \
-    T* __restrict__ dq, T* __restrict__ dk, T* __restrict__ dv, \
-    const void* __restrict__ bias, const float* __restrict__ alibi, \
-    long long q_sb, long long q_ss, long long q_sh, \
-    long long k_sb, long long k_ss, long long k_sh, \
-    long long v_sb, long long v_ss, long long v_sh, \
-    long long o_sb, long long o_ss, long long o_sh, \
-    long long do_sb, long long do_ss, long long do_sh, \
-    long long lse_sb, long long lse_sh, long long lse_ss, \
-    long long dq_sb, long long dq_ss, long long dq_sh, \
-    long long dk_sb, long long dk_ss, long long dk_sh, \
-    long long dv_sb, long long dv_ss, long long dv_sh, \
-    long long bias_sb, long long bias_sh, long long bias_sq, long long bias_sk, \
-    long long alibi_sb, long long alibi_sh, \
-    int batch, int hq, int group, int sq, int sk, int d, \
-    int win_left, int win_right, int diag_off, \
-    float scale_log2, float softcap_log2, float dq_scale, int bias_kind, int vec_flags, \
-    int stage
-
 namespace portattn {
-
-__device__ __forceinline__ float pos_inf() { return __int_as_float(0x7f800000); }
 
 template <int D, int BM, int BN, int NT, int TX>
 struct BwdTile {
@@ -91,9 +68,29 @@ __device__ __forceinline__ void probs_and_dscores(const float* Kt, const float* 
                                                   const float* Qt, const float* dOt,
                                                   const float* lse2s, const float* deltas,
                                                   float* Ps, float* dSs, const ScoreMods& mods,
-                                                  int m0, int n0, bool store_p) {
+                                                  int m0, int n0, bool store_p,
+                                                  const Dropout& drop, float drop_scale) {
   using G = BwdTile<D, BM, BN, NT, TX>;
   const int tx = threadIdx.x % TX, ty = threadIdx.x / TX;
+  // Dropout's keep bits (the forward's mask, philox.cuh), bit r * RQ + e for key r and
+  // query e of this thread (RK * RQ <= 32 by the plan's S budget). Its RK keys are
+  // consecutive: with RK % 4 == 0 one Philox call covers 4 of them, else one per key. The
+  // calls run in a loop that is not unrolled, so one is live at a time, and before
+  // the products, while the S and dP accumulators are not live yet.
+  static_assert(G::RK * G::RQ <= 32, "keep bits fit one word");
+  constexpr int kPer = G::RK % 4 == 0 ? 4 : 1;   // keys per Philox call used
+  unsigned keepw = 0u;
+  const bool dropping = drop.threshold != 0u;
+  if (dropping) {
+#pragma unroll 1
+    for (int f = 0; f < (G::RK / kPer) * G::RQ; ++f) {
+      const int r0 = (f / G::RQ) * kPer, e = f % G::RQ;
+      const int j = n0 + ty * G::RK + r0;
+      const unsigned bits = drop.keep4(m0 + tx + TX * e, j >> 2) >> (kPer == 4 ? 0 : j & 3);
+#pragma unroll
+      for (int x = 0; x < kPer; ++x) keepw |= ((bits >> x) & 1u) << ((r0 + x) * G::RQ + e);
+    }
+  }
   float s[G::RK][G::RQ], dp[G::RK][G::RQ];
 #pragma unroll
   for (int r = 0; r < G::RK; ++r)
@@ -135,12 +132,19 @@ __device__ __forceinline__ void probs_and_dscores(const float* Kt, const float* 
         sc = neg_inf();
       }
       const float p = fast_exp2(sc - lse2s[il]);
-      float ds = p * (dp[r][e] - deltas[il]);
+      // With dropout, V saw Pd = P Z / (1 - p): dV takes Pd and dP is scaled alike.
+      float pd = p, dpv = dp[r][e];
+      if (dropping) {
+        const bool kept = (keepw >> (r * G::RQ + e)) & 1u;
+        pd = kept ? p * drop_scale : 0.f;
+        dpv = kept ? dpv * drop_scale : 0.f;
+      }
+      float ds = p * (dpv - deltas[il]);
       if (mods.softcap_log2 > 0.f) {
         const float th = tanhf(x / mods.softcap_log2);
         ds *= 1.f - th * th;
       }
-      if (store_p) Ps[jl * G::LM + il] = p;
+      if (store_p) Ps[jl * G::LM + il] = pd;
       dSs[jl * G::LM + il] = ds;
     }
 }
@@ -171,36 +175,8 @@ constexpr int kStagePre = 0, kStageDkdv = 1, kStageDq = 2, kStageCvt = 3;
 
 template <class T, int D, int BM, int BN, int NT, int TX>
 __global__ void __launch_bounds__(NT, 1) simt_bwd_kernel(PORTATTN_BWD_PARAMS(T)) {
-  if (stage == kStagePre) {
-    // One warp per (batch, head, query row), lanes over the head dim (d <= 256 = 32 x 8).
-    const long long row = static_cast<long long>(blockIdx.x) * (NT / 32) + (threadIdx.x >> 5);
-    const int lane = threadIdx.x & 31;
-    if (row >= static_cast<long long>(batch) * hq * sq) return;
-    const int i = static_cast<int>(row % sq);
-    const int h = static_cast<int>((row / sq) % hq);
-    const int b = static_cast<int>(row / (static_cast<long long>(sq) * hq));
-    const T* orow = o + b * o_sb + static_cast<long long>(i) * o_ss + h * o_sh;
-    const T* drow = dout + b * do_sb + static_cast<long long>(i) * do_ss + h * do_sh;
-    float acc = 0.f;
-    for (int d0 = lane * 8; d0 < d; d0 += 256) {
-      float a[8], g[8];
-      load8(a, orow + d0, d - d0, vec_flags & 8);
-      load8(g, drow + d0, d - d0, vec_flags & 16);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) acc = fmaf(a[e], g[e], acc);
-    }
-    acc = group_sum<32>(acc);
-    if (lane == 0) {
-      delta[row] = acc;
-      const float l = lse[b * lse_sb + h * lse_sh + static_cast<long long>(i) * lse_ss];
-      lse2[row] = l == neg_inf() ? pos_inf() : l * kLog2e;
-    }
-  } else if (stage == kStageCvt) {
-    const long long n = static_cast<long long>(batch) * sq * hq * d;
-    for (long long idx = static_cast<long long>(blockIdx.x) * NT + threadIdx.x; idx < n;
-         idx += static_cast<long long>(gridDim.x) * NT) {
-      dq[idx] = from_float<T>(dq_accum[idx] * dq_scale);
-    }
+  if (stage == kStagePre || stage == kStageCvt) {
+    bwd_row_stage<T, NT>(PORTATTN_BWD_ARGS);
   } else {
     using G = BwdTile<D, BM, BN, NT, TX>;
     extern __shared__ float4 smem_f4[];
@@ -216,9 +192,10 @@ __global__ void __launch_bounds__(NT, 1) simt_bwd_kernel(PORTATTN_BWD_PARAMS(T))
     const int tx = tid % TX, ty = tid / TX;
 
     // Row statistics of query tile m0 of head h; padding rows get lse2 = +inf, so P = 0.
-    auto stage_rows_stats = [&](int b, int h, int m0, int rows_valid) {
+    auto stage_rows_stats = [&](const SeqSpan& span, int b, int h, int m0, int rows_valid) {
+      const long long base = span.q_at(b, st_sb, 1) + h * st_sh + m0;
       for (int il = tid; il < BM; il += NT) {
-        const long long row = (static_cast<long long>(b) * hq + h) * sq + m0 + il;
+        const long long row = base + il;
         lse2s[il] = il < rows_valid ? lse2[row] : pos_inf();
         deltas[il] = il < rows_valid ? delta[row] : 0.f;
       }
@@ -230,15 +207,20 @@ __global__ void __launch_bounds__(NT, 1) simt_bwd_kernel(PORTATTN_BWD_PARAMS(T))
       const int nb = static_cast<int>(blockIdx.x % num_nb);
       const int bh = static_cast<int>(blockIdx.x / num_nb);
       const int b = bh / hkv, hk = bh % hkv;
-      const int n0 = nb * BN, cols_valid = min(BN, sk - n0);
-      stage_cols<T, BN, D, NT>(Kt, k + b * k_sb + hk * k_sh, k_ss, n0, cols_valid, d,
-                               vec_flags & 2, 1.f);
-      stage_cols<T, BN, D, NT>(Vt, v + b * v_sb + hk * v_sh, v_ss, n0, cols_valid, d,
-                               vec_flags & 4, 1.f);
+      // The grid covers the longest sequence; in a varlen batch shorter ones end early.
+      const SeqSpan span(b, sq, sk, cu_q, cu_k, align_br);
+      const int n0 = nb * BN, cols_valid = min(BN, span.sk - n0);
+      if (cols_valid <= 0) return;
+      const int diag_off = span.diag_off;
+      stage_cols<T, BN, D, NT>(Kt, k + span.k_at(b, k_sb, k_ss) + hk * k_sh, k_ss, n0,
+                               cols_valid, d, vec_flags & 2, 1.f);
+      stage_cols<T, BN, D, NT>(Vt, v + span.k_at(b, v_sb, v_ss) + hk * v_sh, v_ss, n0,
+                               cols_valid, d, vec_flags & 4, 1.f);
       // Query rows that see at least one key of this tile (the window read backwards).
       const int m_lo = win_right >= 0 ? max(0, n0 - diag_off - win_right) : 0;
-      const int m_hi = win_left >= 0 ? min(sq, n0 + cols_valid - 1 - diag_off + win_left + 1)
-                                     : sq;
+      const int m_hi = win_left >= 0
+                           ? min(span.sq, n0 + cols_valid - 1 - diag_off + win_left + 1)
+                           : span.sq;
       float dka[G::RK][G::DC], dva[G::RK][G::DC];
 #pragma unroll
       for (int r = 0; r < G::RK; ++r)
@@ -250,17 +232,19 @@ __global__ void __launch_bounds__(NT, 1) simt_bwd_kernel(PORTATTN_BWD_PARAMS(T))
         const ScoreMods mods =
             ScoreMods::for_head(b, h, bias, bias_kind, bias_sb, bias_sh, bias_sq, bias_sk,
                                 alibi, alibi_sb, alibi_sh, softcap_log2, win_left, win_right,
-                                diag_off, sq, sk);
+                                diag_off, span.sq, span.sk);
         for (int m0 = max(m_lo, 0) / BM * BM; m0 < m_hi; m0 += BM) {
-          const int rows_valid = min(BM, sq - m0);
-          stage_cols<T, BM, D, NT>(Qt, q + b * q_sb + h * q_sh, q_ss, m0, rows_valid, d,
-                                   vec_flags & 1, scale_log2);
-          stage_cols<T, BM, D, NT>(dOt, dout + b * do_sb + h * do_sh, do_ss, m0, rows_valid,
-                                   d, vec_flags & 16, 1.f);
-          stage_rows_stats(b, h, m0, rows_valid);
+          const int rows_valid = min(BM, span.sq - m0);
+          stage_cols<T, BM, D, NT>(Qt, q + span.q_at(b, q_sb, q_ss) + h * q_sh, q_ss, m0,
+                                   rows_valid, d, vec_flags & 1, scale_log2);
+          stage_cols<T, BM, D, NT>(dOt, dout + span.q_at(b, do_sb, do_ss) + h * do_sh, do_ss,
+                                   m0, rows_valid, d, vec_flags & 16, 1.f);
+          stage_rows_stats(span, b, h, m0, rows_valid);
           __syncthreads();
-          probs_and_dscores<D, BM, BN, NT, TX>(Kt, Vt, Qt, dOt, lse2s, deltas, Ps, dSs, mods,
-                                               m0, n0, true);
+          probs_and_dscores<D, BM, BN, NT, TX>(
+              Kt, Vt, Qt, dOt, lse2s, deltas, Ps, dSs, mods, m0, n0, true,
+              Dropout(drop_seed, drop_offset, drop_threshold, static_cast<unsigned>(b * hq + h)),
+              drop_scale);
           __syncthreads();
 #pragma unroll 2
           for (int il = 0; il < BM; ++il) {
@@ -291,8 +275,9 @@ __global__ void __launch_bounds__(NT, 1) simt_bwd_kernel(PORTATTN_BWD_PARAMS(T))
 #pragma unroll
             for (int r = 0; r < G::RQC; ++r) {
               const int i = m0 + ty * G::RQC + r;
-              if (i >= sq) continue;
-              float* row = dq_accum + b * dq_sb + static_cast<long long>(i) * dq_ss + h * dq_sh;
+              if (i >= span.sq) continue;
+              float* row = dq_accum + span.q_at(b, dq_sb, dq_ss) +
+                           static_cast<long long>(i) * dq_ss + h * dq_sh;
 #pragma unroll
               for (int e = 0; e < G::DC; ++e) {
                 const int c = tx + TX * e;
@@ -306,9 +291,11 @@ __global__ void __launch_bounds__(NT, 1) simt_bwd_kernel(PORTATTN_BWD_PARAMS(T))
 #pragma unroll
       for (int r = 0; r < G::RK; ++r) {
         const int j = n0 + ty * G::RK + r;
-        if (j >= sk) continue;
-        T* krow = dk + b * dk_sb + static_cast<long long>(j) * dk_ss + hk * dk_sh;
-        T* vrow = dv + b * dv_sb + static_cast<long long>(j) * dv_ss + hk * dv_sh;
+        if (j >= span.sk) continue;
+        T* krow = dk + span.k_at(b, dk_sb, dk_ss) + static_cast<long long>(j) * dk_ss +
+                  hk * dk_sh;
+        T* vrow = dv + span.k_at(b, dv_sb, dv_ss) + static_cast<long long>(j) * dv_ss +
+                  hk * dv_sh;
 #pragma unroll
         for (int e = 0; e < G::DC; ++e) {
           const int c = tx + TX * e;
@@ -319,29 +306,32 @@ __global__ void __launch_bounds__(NT, 1) simt_bwd_kernel(PORTATTN_BWD_PARAMS(T))
         }
       }
     } else {
-      const CtaTile t(BM, sq, hq, group);
+      const CtaTile t(BM, hq, group, sq, sk, cu_q, cu_k, align_br);
+      if (t.rows_valid <= 0) return;
       const CtaScores cs(t, bias, bias_kind, bias_sb, bias_sh, bias_sq, bias_sk, alibi,
-                         alibi_sb, alibi_sh, softcap_log2, win_left, win_right, diag_off, sq,
-                         sk);
-      stage_cols<T, BM, D, NT>(Qt, q + t.b * q_sb + t.h * q_sh, q_ss, t.m0, t.rows_valid, d,
-                               vec_flags & 1, scale_log2);
-      stage_cols<T, BM, D, NT>(dOt, dout + t.b * do_sb + t.h * do_sh, do_ss, t.m0,
-                               t.rows_valid, d, vec_flags & 16, 1.f);
-      stage_rows_stats(t.b, t.h, t.m0, t.rows_valid);
+                         alibi_sb, alibi_sh, softcap_log2, win_left, win_right);
+      stage_cols<T, BM, D, NT>(Qt, q + t.q_at(t.b, q_sb, q_ss) + t.h * q_sh, q_ss, t.m0,
+                               t.rows_valid, d, vec_flags & 1, scale_log2);
+      stage_cols<T, BM, D, NT>(dOt, dout + t.q_at(t.b, do_sb, do_ss) + t.h * do_sh, do_ss,
+                               t.m0, t.rows_valid, d, vec_flags & 16, 1.f);
+      stage_rows_stats(t, t.b, t.h, t.m0, t.rows_valid);
       float acc[G::RQC][G::DC];
 #pragma unroll
       for (int r = 0; r < G::RQC; ++r)
 #pragma unroll
         for (int e = 0; e < G::DC; ++e) acc[r][e] = 0.f;
-      const T* kbase = k + t.b * k_sb + t.hk * k_sh;
-      const T* vbase = v + t.b * v_sb + t.hk * v_sh;
+      const T* kbase = k + t.k_at(t.b, k_sb, k_ss) + t.hk * k_sh;
+      const T* vbase = v + t.k_at(t.b, v_sb, v_ss) + t.hk * v_sh;
       for (int n0 = cs.n_lo / BN * BN; n0 < cs.n_hi; n0 += BN) {
-        const int cols_valid = min(BN, sk - n0);
+        const int cols_valid = min(BN, t.sk - n0);
         stage_cols<T, BN, D, NT>(Kt, kbase, k_ss, n0, cols_valid, d, vec_flags & 2, 1.f);
         stage_cols<T, BN, D, NT>(Vt, vbase, v_ss, n0, cols_valid, d, vec_flags & 4, 1.f);
         __syncthreads();
-        probs_and_dscores<D, BM, BN, NT, TX>(Kt, Vt, Qt, dOt, lse2s, deltas, Ps, dSs, cs.mods,
-                                             t.m0, n0, false);
+        probs_and_dscores<D, BM, BN, NT, TX>(
+            Kt, Vt, Qt, dOt, lse2s, deltas, Ps, dSs, cs.mods, t.m0, n0, false,
+            Dropout(drop_seed, drop_offset, drop_threshold,
+                    static_cast<unsigned>(t.b * hq + t.h)),
+            drop_scale);
         __syncthreads();
         dq_product<D, BM, BN, NT, TX>(acc, dSs, Kt);
         __syncthreads();  // K^T and dS reads done before the next key tile is staged
@@ -349,8 +339,9 @@ __global__ void __launch_bounds__(NT, 1) simt_bwd_kernel(PORTATTN_BWD_PARAMS(T))
 #pragma unroll
       for (int r = 0; r < G::RQC; ++r) {
         const int i = t.m0 + ty * G::RQC + r;
-        if (i >= sq) continue;
-        T* row = dq + t.b * dq_sb + static_cast<long long>(i) * dq_ss + t.h * dq_sh;
+        if (i >= t.sq) continue;
+        T* row = dq + t.q_at(t.b, dq_sb, dq_ss) + static_cast<long long>(i) * dq_ss +
+                 t.h * dq_sh;
 #pragma unroll
         for (int e = 0; e < G::DC; ++e) {
           const int c = tx + TX * e;

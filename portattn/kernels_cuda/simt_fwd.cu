@@ -77,15 +77,16 @@ __global__ void __launch_bounds__(NT, 1) simt_fwd_kernel(
 
   const int tid = threadIdx.x;
   const int tx = tid % TX, ty = tid / TX;
-  const CtaTile t(BM, sq, hq, group);
+  const CtaTile t(BM, hq, group, sq, sk, cu_q, cu_k, align_br);
+  if (t.rows_valid <= 0) return;
   const int b = t.b, h = t.h, hk = t.hk, m0 = t.m0, rows_valid = t.rows_valid;
   const CtaScores cs(t, bias, bias_kind, bias_sb, bias_sh, bias_sq, bias_sk, alibi, alibi_sb,
-                     alibi_sh, softcap_log2, win_left, win_right, diag_off, sq, sk);
+                     alibi_sh, softcap_log2, win_left, win_right);
   const ScoreMods& mods = cs.mods;
   const bool has_mods = mods.any();
   const int n_lo = cs.n_lo, n_hi = cs.n_hi;
 
-  stage_transposed<T, BM, D, NT>(Qs, q + b * q_sb + h * q_sh, q_ss, m0, rows_valid, d,
+  stage_transposed<T, BM, D, NT>(Qs, q + t.q_at(b, q_sb, q_ss) + h * q_sh, q_ss, m0, rows_valid, d,
                                  vec_flags & 1, scale_log2);
 
   float m_i[RM], l_i[RM], acc[RM][DC];
@@ -97,10 +98,10 @@ __global__ void __launch_bounds__(NT, 1) simt_fwd_kernel(
     for (int c = 0; c < DC; ++c) acc[r][c] = 0.f;
   }
 
-  const T* kbase = k + b * k_sb + hk * k_sh;
-  const T* vbase = v + b * v_sb + hk * v_sh;
+  const T* kbase = k + t.k_at(b, k_sb, k_ss) + hk * k_sh;
+  const T* vbase = v + t.k_at(b, v_sb, v_ss) + hk * v_sh;
   for (int n0 = n_lo / BN * BN; n0 < n_hi; n0 += BN) {
-    const int cols_valid = min(BN, sk - n0);
+    const int cols_valid = min(BN, t.sk - n0);
     stage_transposed<T, BN, D, NT>(KPs, kbase, k_ss, n0, cols_valid, d, vec_flags & 2, 1.f);
     stage_rows<T, BN, D, NT>(Vs, vbase, v_ss, n0, cols_valid, d, vec_flags & 4);
     __syncthreads();
@@ -167,6 +168,35 @@ __global__ void __launch_bounds__(NT, 1) simt_fwd_kernel(
 #pragma unroll
       for (int c = 0; c < DC; ++c) acc[r][c] *= corr;
     }
+    // Dropout zeroes P after the row sum took it (lse and 1 / l are the undropped
+    // softmax's); 1 / (1 - p) is folded into the final normalisation. A thread's columns
+    // come in aligned groups of 4 keys: one Philox call each, gathered into packed bits by
+    // a loop that is not unrolled, so one call is live at a time (unrolled, the calls'
+    // temporaries raised the kernel's register count, and so cut occupancy, even with
+    // dropout off).
+    if (drop_threshold != 0u) {
+      const Dropout drop(drop_seed, drop_offset, drop_threshold,
+                         static_cast<unsigned>(b * hq + h));
+      constexpr int kWords = (RM * RN + 31) / 32;
+      unsigned keepw[kWords];
+#pragma unroll
+      for (int w = 0; w < kWords; ++w) {
+        keepw[w] = 0u;
+#pragma unroll 1
+        for (int f = w * 8; f < min(w * 8 + 8, RM * RN / 4); ++f) {
+          const int r = f / (RN / 4), cg = f % (RN / 4);
+          keepw[w] |= drop.keep4(m0 + ty * RM + r, (n0 + cg * TX * 4 + tx * 4) >> 2)
+                      << (4 * (f - w * 8));
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < RM; ++r)
+#pragma unroll
+        for (int c = 0; c < RN; ++c) {
+          const int bit = r * RN + c;   // = 4 f + c % 4 for f = r * RN / 4 + c / 4
+          if (!((keepw[bit / 32] >> (bit % 32)) & 1u)) s[r][c] = 0.f;
+        }
+    }
 #pragma unroll
     for (int r = 0; r < RM; ++r)
 #pragma unroll
@@ -199,17 +229,18 @@ __global__ void __launch_bounds__(NT, 1) simt_fwd_kernel(
   for (int r = 0; r < RM; ++r) {
     const float l = group_sum<TX>(l_i[r]);
     const int i = m0 + ty * RM + r;
-    if (i >= sq) continue;
-    // Fully masked rows: output 0 and lse = -inf (reference.py's convention).
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    T* orow = o + b * o_sb + static_cast<long long>(i) * o_ss + h * o_sh;
+    if (i >= t.sq) continue;
+    // Fully masked rows: output 0 and lse = -inf (reference.py's convention). drop_scale
+    // is dropout's 1 / (1 - p), 1 without dropout.
+    const float inv = l > 0.f ? drop_scale / l : 0.f;
+    T* orow = o + t.q_at(b, o_sb, o_ss) + static_cast<long long>(i) * o_ss + h * o_sh;
 #pragma unroll
     for (int c = 0; c < DC; ++c) {
       const int col = (c / 4) * TX * 4 + tx * 4 + (c % 4);
       if (col < d) orow[col] = from_float<T>(acc[r][c] * inv);
     }
     if (lse != nullptr && tx == 0) {
-      lse[(static_cast<long long>(b) * hq + h) * sq + i] =
+      lse[t.q_at(b, lse_sb, 1) + h * lse_sh + i] =
           l > 0.f ? (m_i[r] + __log2f(l)) * kLn2 : neg_inf();
     }
   }

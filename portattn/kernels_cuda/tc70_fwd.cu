@@ -88,23 +88,25 @@ __global__ void __launch_bounds__(NT, 1) tc70_fwd_kernel(
 #pragma unroll
   for (int e = 0; e < 2; ++e) crow[e] = wrow0 + qp * 8 + (((t & 1) + 2 * e + 4 * hi) ^ flip);
 
-  const CtaTile tile(BM, sq, hq, group);
+  const CtaTile tile(BM, hq, group, sq, sk, cu_q, cu_k, align_br);
+  if (tile.rows_valid <= 0) return;
   const int b = tile.b, h = tile.h, hk = tile.hk, m0 = tile.m0;
   const CtaScores cs(tile, bias, bias_kind, bias_sb, bias_sh, bias_sq, bias_sk, alibi,
-                     alibi_sb, alibi_sh, softcap_log2, win_left, win_right, diag_off, sq, sk);
+                     alibi_sb, alibi_sh, softcap_log2, win_left, win_right);
   const ScoreMods& mods = cs.mods;
   // A negative scale reverses the max; the per-element path handles it exactly.
   const bool has_mods = mods.any() || scale_log2 < 0.f;
   const int n_lo = cs.n_lo, n_hi = cs.n_hi;
   const int n_first = n_lo / BN * BN;
 
-  const T* qbase = q + b * q_sb + h * q_sh;
-  const T* kbase = k + b * k_sb + hk * k_sh;
-  const T* vbase = v + b * v_sb + hk * v_sh;
+  const T* qbase = q + tile.q_at(b, q_sb, q_ss) + h * q_sh;
+  const T* kbase = k + tile.k_at(b, k_sb, k_ss) + hk * k_sh;
+  const T* vbase = v + tile.k_at(b, v_sb, v_ss) + hk * v_sh;
   const bool vq = vec_flags & 1, vk = vec_flags & 2, vv = vec_flags & 4;
 
   QCopy::direct(Qs, qbase, q_ss, m0, tile.rows_valid, d, vq);
-  if (n_first < n_hi) KVCopy::direct(Ks, kbase, k_ss, n_first, min(BN, sk - n_first), d, vk);
+  if (n_first < n_hi)
+    KVCopy::direct(Ks, kbase, k_ss, n_first, min(BN, tile.sk - n_first), d, vk);
 
   float acc[OTL][8];
   float m_i[2], l_i[2];
@@ -120,7 +122,7 @@ __global__ void __launch_bounds__(NT, 1) tc70_fwd_kernel(
 
   KVCopy kstage, vstage;  // register staging (elided where kStage is false)
   for (int n0 = n_first; n0 < n_hi; n0 += BN) {
-    const int cols_valid = min(BN, sk - n0);
+    const int cols_valid = min(BN, tile.sk - n0);
     __syncthreads();  // K_j (and Q) in place; every warp is done with V_{j-1}
     if constexpr (kStage) {
       vstage.load(vbase, v_ss, n0, cols_valid, d, vv);
@@ -210,14 +212,37 @@ __global__ void __launch_bounds__(NT, 1) tc70_fwd_kernel(
       pa[j][3] = c0 ? r1b : rxb;   // keys 6, 7
     }
 
+    // Dropout zeroes P after the row sums took it (lse and 1 / l are the undropped
+    // softmax's; 1 / (1 - p) is folded into the final normalisation), on the packed A
+    // operand: lane t holds row qrow's 8 keys of each n8 tile, two Philox groups of 4.
+    // The bits are gathered by a loop that is not unrolled (one call live at a time).
+    if (drop_threshold != 0u) {
+      const Dropout drop(drop_seed, drop_offset, drop_threshold,
+                         static_cast<unsigned>(b * hq + h));
+      unsigned keepw[(NTL + 3) / 4];
+#pragma unroll
+      for (int w = 0; w < (NTL + 3) / 4; ++w) {
+        keepw[w] = 0u;
+#pragma unroll 1
+        for (int f = w * 8; f < min(w * 8 + 8, 2 * NTL); ++f)
+          keepw[w] |= drop.keep4(m0 + qrow, n0 / 4 + f) << (4 * (f - w * 8));
+      }
+#pragma unroll
+      for (int j = 0; j < NTL; ++j) {
+        const unsigned byte = keepw[j / 4] >> (8 * (j % 4));   // keys j*8 .. j*8 + 7
+#pragma unroll
+        for (int x = 0; x < 4; ++x) pa[j][x] &= keep_halves(byte >> (2 * x));
+      }
+    }
+
     if constexpr (kStage) vstage.store(Vs);
     __syncthreads();  // V_j in place; every warp is done reading K_j
     const int n_next = n0 + BN;
     if (n_next < n_hi) {
       if constexpr (kStage) {
-        kstage.load(kbase, k_ss, n_next, min(BN, sk - n_next), d, vk);
+        kstage.load(kbase, k_ss, n_next, min(BN, tile.sk - n_next), d, vk);
       } else {
-        KVCopy::direct(Ks, kbase, k_ss, n_next, min(BN, sk - n_next), d, vk);
+        KVCopy::direct(Ks, kbase, k_ss, n_next, min(BN, tile.sk - n_next), d, vk);
       }
     }
 
@@ -244,10 +269,11 @@ __global__ void __launch_bounds__(NT, 1) tc70_fwd_kernel(
     float l = l_i[e];
     l += __shfl_xor_sync(0xffffffffu, l, 2);
     const int i = m0 + crow[e];
-    if (i >= sq) continue;
-    // Fully masked rows: output 0 and lse = -inf (reference.py's convention).
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    T* orow = o + b * o_sb + static_cast<long long>(i) * o_ss + h * o_sh;
+    if (i >= tile.sq) continue;
+    // Fully masked rows: output 0 and lse = -inf (reference.py's convention). drop_scale
+    // is dropout's 1 / (1 - p), 1 without dropout.
+    const float inv = l > 0.f ? drop_scale / l : 0.f;
+    T* orow = o + tile.q_at(b, o_sb, o_ss) + static_cast<long long>(i) * o_ss + h * o_sh;
 #pragma unroll
     for (int o2 = 0; o2 < OTL; ++o2)
 #pragma unroll
@@ -257,7 +283,7 @@ __global__ void __launch_bounds__(NT, 1) tc70_fwd_kernel(
         if (col + 1 < d) orow[col + 1] = from_float<T>(acc[o2][2 * e + 4 * x + 1] * inv);
       }
     if (lse != nullptr && c0 == 0 && dbase == 0) {
-      lse[(static_cast<long long>(b) * hq + h) * sq + i] =
+      lse[tile.q_at(b, lse_sb, 1) + h * lse_sh + i] =
           l > 0.f ? (m_i[e] + __log2f(l)) * kLn2 : neg_inf();
     }
   }

@@ -186,4 +186,40 @@ struct Pack2<bf16_t, ARCH> {
   }
 };
 
+// D += A(16x16) * B(16x8), fp32 accumulate: one m16n8k16 (sm_80+) or two m16n8k8 (sm_75,
+// A regs 0,1 / B reg 0 cover k 0-7; 2,3 / 1 cover k 8-15).
+template <class T, int ARCH> struct MmaK16;
+template <int ARCH> struct MmaK16<half_t, ARCH> {
+  static __device__ __forceinline__ void k16(float (&d)[4], const unsigned (&a)[4],
+                                             unsigned b0, unsigned b1) {
+    if constexpr (ARCH >= 80) {
+      asm(
+          "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+          "{%8,%9}, {%0,%1,%2,%3};"
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    } else {
+      asm(
+          "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
+          "{%0,%1,%2,%3};"
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a[0]), "r"(a[1]), "r"(b0));
+      asm(
+          "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
+          "{%0,%1,%2,%3};"
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a[2]), "r"(a[3]), "r"(b1));
+    }
+  }
+};
+template <int ARCH> struct MmaK16<bf16_t, ARCH> {
+  static_assert(ARCH >= 80, "bf16 MMA needs sm_80");
+  static __device__ __forceinline__ void k16(float (&d)[4], const unsigned (&a)[4],
+                                             unsigned b0, unsigned b1) {
+    asm(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
 }  // namespace portattn

@@ -15,44 +15,6 @@
 
 namespace portattn {
 
-// D += A(16x16) * B(16x8), fp32 accumulate. Ampere+: one m16n8k16.
-template <class T> struct MmaSm80;
-template <> struct MmaSm80<half_t> {
-  static __device__ __forceinline__ void k16(float (&d)[4], const unsigned (&a)[4],
-                                             unsigned b0, unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-template <> struct MmaSm80<bf16_t> {
-  static __device__ __forceinline__ void k16(float (&d)[4], const unsigned (&a)[4],
-                                             unsigned b0, unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-// Turing: the k16 step is two m16n8k8 (A regs 0,1 / B reg 0 cover k 0-7; 2,3 / 1 k 8-15).
-template <class T> struct MmaSm75;
-template <> struct MmaSm75<half_t> {
-  static __device__ __forceinline__ void k16(float (&d)[4], const unsigned (&a)[4],
-                                             unsigned b0, unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a[0]), "r"(a[1]), "r"(b0));
-    asm volatile(
-        "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a[2]), "r"(a[3]), "r"(b1));
-  }
-};
-
 template <class T, int D, int BM, int BN, int NT, int ARCH>
 __global__ void __launch_bounds__(NT, 1) tc_fwd_kernel(
     PORTATTN_FWD_PARAMS(T)) {
@@ -71,7 +33,7 @@ __global__ void __launch_bounds__(NT, 1) tc_fwd_kernel(
   // (plan.tc_staged agrees).
   constexpr bool kStage = !kAsync && TileCopy<T, BN, D, NT>::kPerThread <= 4;
   static_assert(MB * 16 * NW == BM && BN % 16 == 0 && D % 16 == 0, "tile shape");
-  using Mma = typename conditional<ARCH >= 80, MmaSm80<T>, MmaSm75<T>>::type;
+  using Mma = MmaK16<T, ARCH>;
   constexpr float kRescaleSlack = 8.f;
   using QCopy = TileCopy<T, BM, D, NT>;
   using KVCopy = TileCopy<T, BN, D, NT>;
@@ -83,8 +45,10 @@ __global__ void __launch_bounds__(NT, 1) tc_fwd_kernel(
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, tig = lane & 3;
-  const CtaTile t(BM, sq, hq, group);
-  const int b = t.b, h = t.h, hk = t.hk, m0 = t.m0, rows_valid = t.rows_valid;
+  const CtaTile tile(BM, hq, group, sq, sk, cu_q, cu_k, align_br);
+  if (tile.rows_valid <= 0) return;
+  const int b = tile.b, h = tile.h, hk = tile.hk, m0 = tile.m0;
+  const int rows_valid = tile.rows_valid;
   const int wrow0 = warp * MB * 16;     // this warp's first row inside the tile
   // Per-lane ldmatrix bases (byte addresses); loads below add compile-time offsets.
   // Q (A operand): lane l addresses row l%16, column half l/16, so matrices 0-3 are the
@@ -96,23 +60,24 @@ __global__ void __launch_bounds__(NT, 1) tc_fwd_kernel(
   const unsigned k_lane = smem_addr(Ks + ((lane >> 4) * 8 + (lane & 7)) * LD +
                                     ((lane >> 3) & 1) * 8);
   constexpr unsigned kVOffset = BN * LD * sizeof(T);  // Vs - Ks
-  const CtaScores cs(t, bias, bias_kind, bias_sb, bias_sh, bias_sq, bias_sk, alibi, alibi_sb,
-                     alibi_sh, softcap_log2, win_left, win_right, diag_off, sq, sk);
+  const CtaScores cs(tile, bias, bias_kind, bias_sb, bias_sh, bias_sq, bias_sk, alibi, alibi_sb,
+                     alibi_sh, softcap_log2, win_left, win_right);
   const ScoreMods& mods = cs.mods;
   // A negative scale reverses the max; the per-element path handles it exactly.
   const bool has_mods = mods.any() || scale_log2 < 0.f;
   const int n_lo = cs.n_lo, n_hi = cs.n_hi;
   const int n_first = n_lo / BN * BN;
 
-  const T* qbase = q + b * q_sb + h * q_sh;
-  const T* kbase = k + b * k_sb + hk * k_sh;
-  const T* vbase = v + b * v_sb + hk * v_sh;
+  const T* qbase = q + tile.q_at(b, q_sb, q_ss) + h * q_sh;
+  const T* kbase = k + tile.k_at(b, k_sb, k_ss) + hk * k_sh;
+  const T* vbase = v + tile.k_at(b, v_sb, v_ss) + hk * v_sh;
   const bool vq = vec_flags & 1, vk = vec_flags & 2, vv = vec_flags & 4;
 
   KVCopy kstage, vstage;  // Turing's register staging (elided where unused)
   if constexpr (kAsync) {
     QCopy::async(Qs, qbase, q_ss, m0, rows_valid, d, vq);
-    if (n_first < n_hi) KVCopy::async(Ks, kbase, k_ss, n_first, min(BN, sk - n_first), d, vk);
+    if (n_first < n_hi)
+      KVCopy::async(Ks, kbase, k_ss, n_first, min(BN, tile.sk - n_first), d, vk);
   } else {
     QCopy::direct(Qs, qbase, q_ss, m0, rows_valid, d, vq);
   }
@@ -127,7 +92,8 @@ __global__ void __launch_bounds__(NT, 1) tc_fwd_kernel(
     __syncthreads();  // every warp holds its Q before K overwrites the slot
   }
   if constexpr (!kAsync) {
-    if (n_first < n_hi) KVCopy::direct(Ks, kbase, k_ss, n_first, min(BN, sk - n_first), d, vk);
+    if (n_first < n_hi)
+      KVCopy::direct(Ks, kbase, k_ss, n_first, min(BN, tile.sk - n_first), d, vk);
   }
 
   float acc[MB][DTL][4];
@@ -146,7 +112,7 @@ __global__ void __launch_bounds__(NT, 1) tc_fwd_kernel(
   }
 
   for (int n0 = n_first; n0 < n_hi; n0 += BN) {
-    const int cols_valid = min(BN, sk - n0);
+    const int cols_valid = min(BN, tile.sk - n0);
     if constexpr (kAsync) KVCopy::async_wait();
     __syncthreads();  // K_j in place; every warp is done with V_{j-1}
     if constexpr (kAsync) {
@@ -190,7 +156,7 @@ __global__ void __launch_bounds__(NT, 1) tc_fwd_kernel(
 
     // Scores stay raw (q.k) on interior tiles, with the scale folded into exp2's FFMA;
     // tiles that need masks or modifiers move to the log2 domain element by element.
-    const bool interior = cs.interior(t, n0, BN);
+    const bool interior = cs.interior(tile, n0, BN);
     // Without modifiers, masked tiles only need -inf where a key is hidden (a separate
     // loop: folded into apply(), the compiler predicates every modifier per element).
     const float sc = has_mods ? 1.f : scale_log2;
@@ -273,6 +239,44 @@ __global__ void __launch_bounds__(NT, 1) tc_fwd_kernel(
       }
     }
 
+    // Dropout zeroes P after the row sums took it (lse and 1 / l are the undropped
+    // softmax's; 1 / (1 - p) is folded into the final normalisation), on the packed
+    // operand, where s is dead. A lane holds keys 2 tig, 2 tig + 1 of each n8 tile for rows
+    // g and g + 8; lanes tig and tig ^ 1 share one aligned group of 4 keys, so each draws
+    // that group for one of the two rows and they trade the other row's bits. The bits
+    // are gathered first (4 per n8 tile, packed in registers) by a loop unrolled only by
+    // 2: fully unrolled, the Philox calls' temporaries spilled at d128; not unrolled, each
+    // call's 10-round dependency chain ran alone (2 chains: 12% faster at p = 0.1, d64).
+    if (drop_threshold != 0u) {
+      const Dropout drop(drop_seed, drop_offset, drop_threshold,
+                         static_cast<unsigned>(b * hq + h));
+      const int odd = tig & 1;
+      unsigned keepw[(MB * NTL + 7) / 8];
+#pragma unroll
+      for (int w = 0; w < (MB * NTL + 7) / 8; ++w) {
+        keepw[w] = 0u;
+#pragma unroll 2
+        for (int f = w * 8; f < min(w * 8 + 8, MB * NTL); ++f) {
+          const int mb = f / NTL, t = f % NTL;
+          const unsigned mine =
+              drop.keep4(m0 + wrow0 + mb * 16 + g + odd * 8, (n0 + t * 8) / 4 + (tig >> 1));
+          const unsigned other = __shfl_xor_sync(0xffffffffu, mine, 1);
+          const unsigned row_lo = ((odd ? other : mine) >> (2 * odd)) & 3u;
+          const unsigned row_hi = ((odd ? mine : other) >> (2 * odd)) & 3u;
+          keepw[w] |= (row_lo | (row_hi << 2)) << (4 * (f - w * 8));
+        }
+      }
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+        for (int t = 0; t < NTL; ++t) {
+          const int f = mb * NTL + t;
+          const unsigned nib = keepw[f / 8] >> (4 * (f % 8));
+          pa[mb][t / 2][2 * (t & 1)] &= keep_halves(nib);
+          pa[mb][t / 2][2 * (t & 1) + 1] &= keep_halves(nib >> 2);
+        }
+    }
+
     if constexpr (kAsync) {
       KVCopy::async_wait();
     } else if constexpr (kStage) {
@@ -282,11 +286,11 @@ __global__ void __launch_bounds__(NT, 1) tc_fwd_kernel(
     const int n_next = n0 + BN;
     if (n_next < n_hi) {
       if constexpr (kAsync) {
-        KVCopy::async(Ks, kbase, k_ss, n_next, min(BN, sk - n_next), d, vk);
+        KVCopy::async(Ks, kbase, k_ss, n_next, min(BN, tile.sk - n_next), d, vk);
       } else if constexpr (kStage) {
-        kstage.load(kbase, k_ss, n_next, min(BN, sk - n_next), d, vk);
+        kstage.load(kbase, k_ss, n_next, min(BN, tile.sk - n_next), d, vk);
       } else {
-        KVCopy::direct(Ks, kbase, k_ss, n_next, min(BN, sk - n_next), d, vk);
+        KVCopy::direct(Ks, kbase, k_ss, n_next, min(BN, tile.sk - n_next), d, vk);
       }
     }
 
@@ -317,10 +321,11 @@ __global__ void __launch_bounds__(NT, 1) tc_fwd_kernel(
       l += __shfl_xor_sync(0xffffffffu, l, 1);
       l += __shfl_xor_sync(0xffffffffu, l, 2);
       const int i = m0 + wrow0 + mb * 16 + g + hh * 8;
-      if (i >= sq) continue;
-      // Fully masked rows: output 0 and lse = -inf (reference.py's convention).
-      const float inv = l > 0.f ? 1.f / l : 0.f;
-      T* orow = o + b * o_sb + static_cast<long long>(i) * o_ss + h * o_sh;
+      if (i >= tile.sq) continue;
+      // Fully masked rows: output 0 and lse = -inf (reference.py's convention). drop_scale
+      // is dropout's 1 / (1 - p), 1 without dropout.
+      const float inv = l > 0.f ? drop_scale / l : 0.f;
+      T* orow = o + tile.q_at(b, o_sb, o_ss) + static_cast<long long>(i) * o_ss + h * o_sh;
 #pragma unroll
       for (int t = 0; t < DTL; ++t) {
         const int col = t * 8 + tig * 2;
@@ -328,7 +333,7 @@ __global__ void __launch_bounds__(NT, 1) tc_fwd_kernel(
         if (col + 1 < d) orow[col + 1] = from_float<T>(acc[mb][t][2 * hh + 1] * inv);
       }
       if (lse != nullptr && tig == 0) {
-        lse[(static_cast<long long>(b) * hq + h) * sq + i] =
+        lse[tile.q_at(b, lse_sb, 1) + h * lse_sh + i] =
             l > 0.f ? (m_i[mb][hh] + __log2f(l)) * kLn2 : neg_inf();
       }
     }

@@ -1,0 +1,373 @@
+// Tensor-core backward attention: Ampere and newer (m16n8k16 + ldmatrix + cp.async) and
+// Turing (2x m16n8k8, direct copies), one kernel with a per-arch policy. Stages use
+// simt_bwd.cu's numbering and arguments (plan_bwd picks a spec per stage):
+//   BM > 0  stage 1, dK/dV with atomic dQ (below);
+//   BM = 0  the memory-bound row stages 0 (delta, lse2) and 3 (dq = dq_accum * scale)
+//           in a few registers per thread;
+// the deterministic dq stage (2) stays SIMT.
+// On sm_90 dQ's column pairs go out as one red.global.add.v2.f32 (13% of the kernel's
+// time at d128 against two scalar atomics, H100).
+//
+// FlashAttention-2 partitioning: one CTA per (key tile, batch, kv head), NT/32 warps, each
+// owning 16 key rows for the whole kernel, so dK and dV (16 x D per warp, fp32) stay in
+// registers while the CTA walks the group's query heads and the query tiles that can see
+// its keys (GQA sums the group without repeating K/V). Per query tile of BM rows:
+//   S^T  = K Q^T        A = K rows (ldmatrix), B = Q rows (ldmatrix)
+//   dP^T = V dO^T       A = V rows, B = dO rows
+//   P^T  = exp2(S^T * scale_log2 - lse2), dS^T = P^T (dP^T - delta) [x softcap' ]
+//                       (with dropout, dV takes the kept P / (1 - p) and dP is masked and
+//                       scaled alike, as simt_bwd.cu does)
+//   dV  += P^T dO       A = P^T straight from the accumulators (an m16n8 C pair is an
+//   dK  += dS^T Q       m16k16 A), B = dO / Q via ldmatrix.trans
+//   dQ  += dS K         needs every warp's keys: dS^T goes to shared memory (16-bit) and
+//                       each warp multiplies a 16-row block of it (ldmatrix.trans) by K
+//                       (ldmatrix.trans), then adds to dq_accum with fp32 atomics.
+// Q is not pre-scaled (S is raw q.k, the scale folded into exp2's FFMA), so
+// dK = scale * dS^T Q and dQ = scale * dS K: the scale is applied once at the end (dK) and
+// by the cvt stage (dQ), as simt_bwd.cu does.
+//
+// Shared memory (input type, rows padded by 8 elements so the 8 rows one ldmatrix reads
+// sit in 8 different 16-byte bank groups): K, V [BN][D+8]; Q, dO [NBUF][BM][D+8] (NBUF 2 on
+// sm_80+: the next query tile streams in by cp.async during this one's products); dS^T
+// [BN][BM+8]; lse2 and delta [NBUF][BM] fp32.
+#include "tc_common.cuh"
+
+namespace portattn {
+
+template <class T, int D, int BM, int BN, int NT, int ARCH>
+__global__ void __launch_bounds__(NT, 1) tc_bwd_kernel(PORTATTN_BWD_PARAMS(T)) {
+  if constexpr (BM == 0) {
+    // Row stages (a BM = 0 spec, a few registers, so many warps per SM hide the memory
+    // latency; SIMT's pre/cvt share the 200+ registers of its dK/dV kernel).
+    bwd_row_stage<T, NT>(PORTATTN_BWD_ARGS);
+  } else {
+    constexpr int NW = NT / 32;
+    constexpr int QT = BM / 8;           // n8 tiles of S^T / dP^T per warp
+    constexpr int DT = D / 8;            // n8 tiles of dK / dV per warp
+    constexpr int LD = D + 8, LS = BM + 8;
+    constexpr bool kAsync = ARCH >= 80;
+    constexpr int NBUF = kAsync ? 2 : 1;
+    // dQ = dS K: QB blocks of 16 query rows, WQ warps per block, each DW head-dim columns,
+    // in chunks of CW columns (bounds the live accumulators next to dK and dV).
+    constexpr int QB = BM / 16, WQ = NW / QB, DW = D / WQ;
+    constexpr int CW = DW % 32 == 0 ? 32 : 16;
+    static_assert(BN == 16 * NW && BM % 16 == 0 && D % 32 == 0, "tile shape");
+    static_assert(WQ * QB == NW && DW * WQ == D && DW % CW == 0 && CW % 16 == 0, "dQ split");
+    using Mma = MmaK16<T, ARCH>;
+    using QCopy = TileCopy<T, BM, D, NT>;
+    using KCopy = TileCopy<T, BN, D, NT>;
+    constexpr unsigned kRowBytes = LD * sizeof(T);
+    constexpr unsigned kBufBytes = BM * LD * sizeof(T);
+    // Turing: a fully unrolled S^T / dP^T head-dim loop lets ptxas hoist enough ldmatrix
+    // results (its k16 step is two MMAs) to spill at 255 registers (d64 64x64, d128 32x64);
+    // rolled, it fits. Ampere+ unrolls it fully with no spills.
+    constexpr int kUnroll = ARCH >= 80 ? D / 16 : 1;
+
+    if (stage != 1) return;  // a tile spec runs only the dK/dV (+ atomic dQ) stage
+
+    extern __shared__ uint4 smem_u4[];
+    T* Ks = reinterpret_cast<T*>(smem_u4);
+    T* Vs = Ks + BN * LD;
+    T* Qs = Vs + BN * LD;
+    T* dOs = Qs + NBUF * BM * LD;
+    T* dSt = dOs + NBUF * BM * LD;
+    float* lse2s = reinterpret_cast<float*>(dSt + BN * LS);
+    float* deltas = lse2s + NBUF * BM;
+
+    const int hkv = hq / group;
+    const int num_nb = (sk + BN - 1) / BN;
+    const int nb = static_cast<int>(blockIdx.x % num_nb);
+    const int bh = static_cast<int>(blockIdx.x / num_nb);
+    const int b = bh / hkv, hk = bh % hkv;
+    // The grid covers the longest sequence; in a varlen batch shorter ones end early.
+    const SeqSpan span(b, sq, sk, cu_q, cu_k, align_br);
+    const int n0 = nb * BN, cols_valid = min(BN, span.sk - n0);
+    if (cols_valid <= 0) return;
+    const int diag_off = span.diag_off;
+    // Query rows that see at least one key of this tile (the window read backwards).
+    const int m_lo = win_right >= 0 ? max(0, n0 - diag_off - win_right) : 0;
+    const int m_hi = win_left >= 0 ? min(span.sq, n0 + cols_valid - 1 - diag_off + win_left + 1)
+                                   : span.sq;
+    const int m_start = m_lo / BM * BM;
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, tig = lane & 3;
+    const int tid = threadIdx.x;
+    // ldmatrix lane bases. A pattern (this warp's 16 K/V rows as the A operand): lane l
+    // addresses row l%16, column half l/16. B pattern (Q, dO and K as B operands, dS^T as
+    // dQ's A operand through .trans): row l%8 + 8*(l/16), column half (l/8)%2.
+    const unsigned k_a = smem_addr(Ks + (warp * 16 + (lane & 15)) * LD + (lane >> 4) * 8);
+    const int brow = (lane >> 4) * 8 + (lane & 7), bcol = ((lane >> 3) & 1) * 8;
+    const unsigned q_b = smem_addr(Qs + brow * LD + bcol);
+    const unsigned k_b = smem_addr(Ks + brow * LD + bcol);
+    const unsigned ds_b = smem_addr(dSt + brow * LS + bcol);
+    constexpr unsigned kVOff = BN * LD * sizeof(T);          // Vs - Ks
+    constexpr unsigned kdOOff = NBUF * BM * LD * sizeof(T);  // dOs - Qs
+
+    const T* kbase = k + span.k_at(b, k_sb, k_ss) + hk * k_sh;
+    const T* vbase = v + span.k_at(b, v_sb, v_ss) + hk * v_sh;
+    const bool vq = vec_flags & 1, vk = vec_flags & 2, vv = vec_flags & 4, vdo = vec_flags & 16;
+    if constexpr (kAsync) {
+      KCopy::async(Ks, kbase, k_ss, n0, cols_valid, d, vk);
+      KCopy::async(Vs, vbase, v_ss, n0, cols_valid, d, vv);
+    } else {
+      KCopy::direct(Ks, kbase, k_ss, n0, cols_valid, d, vk);
+      KCopy::direct(Vs, vbase, v_ss, n0, cols_valid, d, vv);
+    }
+
+    // Q, dO and the row statistics of query tile m0 of head hk*group + hh into buffer buf;
+    // rows past the sequence get lse2 = +inf, so their P (and dS) is exactly 0.
+    auto stage_q = [&](int buf, int hh, int m0) {
+      const int h = hk * group + hh;
+      const int rows_valid = min(BM, span.sq - m0);
+      const T* qbase = q + span.q_at(b, q_sb, q_ss) + h * q_sh;
+      const T* dobase = dout + span.q_at(b, do_sb, do_ss) + h * do_sh;
+      if constexpr (kAsync) {
+        QCopy::async(Qs + buf * BM * LD, qbase, q_ss, m0, rows_valid, d, vq);
+        QCopy::async(dOs + buf * BM * LD, dobase, do_ss, m0, rows_valid, d, vdo);
+      } else {
+        QCopy::direct(Qs, qbase, q_ss, m0, rows_valid, d, vq);
+        QCopy::direct(dOs, dobase, do_ss, m0, rows_valid, d, vdo);
+      }
+      const long long base = span.q_at(b, st_sb, 1) + h * st_sh + m0;
+      for (int il = tid; il < BM; il += NT) {
+        lse2s[buf * BM + il] = il < rows_valid ? lse2[base + il] : __int_as_float(0x7f800000);
+        deltas[buf * BM + il] = il < rows_valid ? delta[base + il] : 0.f;
+      }
+    };
+
+    float dka[DT][4], dva[DT][4];
+#pragma unroll
+    for (int t = 0; t < DT; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dka[t][e] = dva[t][e] = 0.f;
+
+    const int ntiles = (m_hi - m_start + BM - 1) / BM;
+    auto tile_m0 = [&](int it) { return m_start + BM * it; };
+    int hh = 0, it = 0, buf = 0;
+    if (ntiles <= 0) hh = group;  // no query sees these keys: dK = dV = 0
+    if (kAsync && hh < group) stage_q(0, 0, tile_m0(0));
+    for (; hh < group; buf ^= (NBUF - 1)) {
+      const int cur_m0 = tile_m0(it);
+      if constexpr (kAsync) {
+        KCopy::async_wait();
+      } else {
+        __syncthreads();  // every warp is done with the previous tile's Q, dO and dS^T
+        stage_q(0, hh, cur_m0);
+      }
+      __syncthreads();  // this tile's Q, dO and statistics in place
+      const int h = hk * group + hh;
+      if (++it == ntiles) {
+        ++hh;
+        it = 0;
+      }
+      // Buffer buf^1 was last read before the barrier above.
+      if (kAsync && hh < group) stage_q(buf ^ 1, hh, tile_m0(it));
+
+      const unsigned qb_lane = q_b + buf * kBufBytes;
+      float s[QT][4], dp[QT][4];
+#pragma unroll
+      for (int t = 0; t < QT; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[t][e] = dp[t][e] = 0.f;
+#pragma unroll kUnroll
+      for (int kd = 0; kd < D / 16; ++kd) {
+        unsigned ka[4], va[4];
+        ldsm_x4(ka, k_a + kd * 16 * sizeof(T));
+        ldsm_x4(va, k_a + kVOff + kd * 16 * sizeof(T));
+#pragma unroll
+        for (int np = 0; np < BM / 16; ++np) {
+          unsigned qb[4], ob[4];
+          ldsm_x4(qb, qb_lane + np * 16 * kRowBytes + kd * 16 * sizeof(T));
+          ldsm_x4(ob, qb_lane + kdOOff + np * 16 * kRowBytes + kd * 16 * sizeof(T));
+          Mma::k16(s[2 * np], ka, qb[0], qb[1]);
+          Mma::k16(s[2 * np + 1], ka, qb[2], qb[3]);
+          Mma::k16(dp[2 * np], va, ob[0], ob[1]);
+          Mma::k16(dp[2 * np + 1], va, ob[2], ob[3]);
+        }
+      }
+
+      const ScoreMods mods =
+          ScoreMods::for_head(b, h, bias, bias_kind, bias_sb, bias_sh, bias_sq, bias_sk, alibi,
+                              alibi_sb, alibi_sh, softcap_log2, win_left, win_right, diag_off,
+                              span.sq, span.sk);
+      const bool has_mods = mods.any();
+      const int last_row = min(cur_m0 + BM, span.sq) - 1;
+      // Every row of the tile sees every key: no per-element mask.
+      const bool interior =
+          cols_valid == BN && (win_left < 0 || n0 >= last_row + diag_off - win_left) &&
+          (win_right < 0 || n0 + BN - 1 <= cur_m0 + diag_off + win_right);
+      // With dropout, V saw Pd = P Z / (1 - p): dV takes Pd and dP is masked and scaled
+      // alike (the forward's mask, a pure function of (seed, offset, b, h, i, j):
+      // philox.cuh). The keep bits of this thread's QT*4 <= 32 elements are drawn first in a
+      // rolled loop: inlined into the unrolled one below, 32 Philox bodies spilled at d128.
+      static_assert(QT * 4 <= 32, "one keep-bit word per thread");
+      unsigned keep = 0u;
+      if (drop_threshold != 0u) {
+        const Dropout drop(drop_seed, drop_offset, drop_threshold,
+                           static_cast<unsigned>(b * hq + h));
+#pragma unroll 1
+        for (int x = 0; x < QT * 4; ++x) {
+          const int i = cur_m0 + (x >> 2) * 8 + tig * 2 + (x & 1);
+          const int j = n0 + warp * 16 + g + ((x >> 1) & 1) * 8;
+          keep |= ((drop.keep4(i, j >> 2) >> (j & 3)) & 1u) << x;
+        }
+      }
+      const float* lrow = lse2s + buf * BM;
+      const float* drow = deltas + buf * BM;
+#pragma unroll
+      for (int t = 0; t < QT; ++t) {
+        const float2 l2 = *reinterpret_cast<const float2*>(lrow + t * 8 + tig * 2);
+        const float2 dl = *reinterpret_cast<const float2*>(drow + t * 8 + tig * 2);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float lse_e = (e & 1) ? l2.y : l2.x;
+          const float del_e = (e & 1) ? dl.y : dl.x;
+          float p;
+          if (interior && !has_mods) {
+            p = fast_exp2(fmaf(s[t][e], scale_log2, -lse_e));
+          } else {
+            const int i = cur_m0 + t * 8 + tig * 2 + (e & 1);
+            const int j = n0 + warp * 16 + g + (e >> 1) * 8;
+            const float x = s[t][e] * scale_log2;
+            float sc = x;
+            if (has_mods) {
+              sc = mods.apply(x, i, j);
+            } else if (!mods.visible(i, j)) {
+              sc = neg_inf();
+            }
+            p = fast_exp2(sc - lse_e);
+          }
+          float pd = p, dpv = dp[t][e];
+          if (drop_threshold != 0u) {
+            const bool kept = (keep >> (t * 4 + e)) & 1u;
+            pd = kept ? p * drop_scale : 0.f;
+            dpv = kept ? dpv * drop_scale : 0.f;
+          }
+          float ds = p * (dpv - del_e);
+          if (softcap_log2 > 0.f) {
+            const float th = tanhf(s[t][e] * scale_log2 / softcap_log2);
+            ds *= 1.f - th * th;
+          }
+          s[t][e] = pd;
+          dp[t][e] = ds;
+        }
+      }
+      // P^T and dS^T as A fragments: n8 tiles 2kn and 2kn+1 of a C are k16 block kn of an A.
+      unsigned pa[BM / 16][4], dsa[BM / 16][4];
+#pragma unroll
+      for (int kn = 0; kn < BM / 16; ++kn) {
+        pa[kn][0] = Pack2<T, ARCH>::run(s[2 * kn][0], s[2 * kn][1]);
+        pa[kn][1] = Pack2<T, ARCH>::run(s[2 * kn][2], s[2 * kn][3]);
+        pa[kn][2] = Pack2<T, ARCH>::run(s[2 * kn + 1][0], s[2 * kn + 1][1]);
+        pa[kn][3] = Pack2<T, ARCH>::run(s[2 * kn + 1][2], s[2 * kn + 1][3]);
+        dsa[kn][0] = Pack2<T, ARCH>::run(dp[2 * kn][0], dp[2 * kn][1]);
+        dsa[kn][1] = Pack2<T, ARCH>::run(dp[2 * kn][2], dp[2 * kn][3]);
+        dsa[kn][2] = Pack2<T, ARCH>::run(dp[2 * kn + 1][0], dp[2 * kn + 1][1]);
+        dsa[kn][3] = Pack2<T, ARCH>::run(dp[2 * kn + 1][2], dp[2 * kn + 1][3]);
+      }
+      if (dq_accum != nullptr) {
+        // dS^T rows g and g+8 of this warp's keys; one 32-bit word per query pair, and the
+        // padded row length (BM+8 elements) puts the warp's 32 words on 32 banks.
+        unsigned* row0 = reinterpret_cast<unsigned*>(dSt + (warp * 16 + g) * LS + tig * 2);
+#pragma unroll
+        for (int kn = 0; kn < BM / 16; ++kn) {
+          row0[kn * 8] = dsa[kn][0];
+          row0[kn * 8 + 4 * LS] = dsa[kn][1];
+          row0[kn * 8 + 4] = dsa[kn][2];
+          row0[kn * 8 + 4 + 4 * LS] = dsa[kn][3];
+        }
+      }
+
+#pragma unroll
+      for (int kn = 0; kn < BM / 16; ++kn) {
+#pragma unroll
+        for (int dd = 0; dd < D / 16; ++dd) {
+          unsigned ob[4], qb[4];
+          ldsm_x4_trans(ob, qb_lane + kdOOff + kn * 16 * kRowBytes + dd * 16 * sizeof(T));
+          Mma::k16(dva[2 * dd], pa[kn], ob[0], ob[2]);
+          Mma::k16(dva[2 * dd + 1], pa[kn], ob[1], ob[3]);
+          ldsm_x4_trans(qb, qb_lane + kn * 16 * kRowBytes + dd * 16 * sizeof(T));
+          Mma::k16(dka[2 * dd], dsa[kn], qb[0], qb[2]);
+          Mma::k16(dka[2 * dd + 1], dsa[kn], qb[1], qb[3]);
+        }
+      }
+
+      if (dq_accum != nullptr) {
+        __syncthreads();  // dS^T of every warp in place
+        const int qblk = warp % QB, c_first = (warp / QB) * DW;
+        const int i0 = cur_m0 + qblk * 16 + g;
+        float* dqrow = dq_accum + span.q_at(b, dq_sb, dq_ss) + static_cast<long long>(i0) * dq_ss +
+                       h * dq_sh;
+        const long long row8 = 8 * dq_ss;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+        // Column pairs start at even columns: 8-byte aligned when every stride is even
+        // (dq_accum is backward.py's own 256-byte aligned allocation).
+        const bool pair_ok = ((dq_sb | dq_ss | dq_sh) & 1) == 0;
+#endif
+#pragma unroll
+        for (int c0 = c_first; c0 < c_first + DW; c0 += CW) {
+          float acc[CW / 8][4];
+#pragma unroll
+          for (int t = 0; t < CW / 8; ++t)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[t][e] = 0.f;
+#pragma unroll
+          for (int kn = 0; kn < BN / 16; ++kn) {
+            unsigned a[4];
+            ldsm_x4_trans(a, ds_b + kn * 16 * LS * sizeof(T) + qblk * 16 * sizeof(T));
+#pragma unroll
+            for (int cc = 0; cc < CW / 16; ++cc) {
+              unsigned kb[4];
+              ldsm_x4_trans(kb, k_b + kn * 16 * kRowBytes + (c0 + cc * 16) * sizeof(T));
+              Mma::k16(acc[2 * cc], a, kb[0], kb[2]);
+              Mma::k16(acc[2 * cc + 1], a, kb[1], kb[3]);
+            }
+          }
+#pragma unroll
+          for (int t = 0; t < CW / 8; ++t) {
+            const int c = c0 + t * 8 + tig * 2;
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+              const bool row_ok = hf ? i0 + 8 < span.sq : i0 < span.sq;
+              float* dst = dqrow + (hf ? row8 : 0) + c;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+              // sm_90 adds both columns in one 8-byte reduction where they are aligned.
+              if (pair_ok && row_ok && c + 1 < d) {
+                asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(dst),
+                             "f"(acc[t][2 * hf]), "f"(acc[t][2 * hf + 1]) : "memory");
+                continue;
+              }
+#endif
+              if (row_ok && c < d) atomicAdd(dst, acc[t][2 * hf]);
+              if (row_ok && c + 1 < d) atomicAdd(dst + 1, acc[t][2 * hf + 1]);
+            }
+          }
+        }
+      }
+    }
+
+    // A CTA whose keys no query sees ran no iteration: its K/V copies must land before exit.
+    if constexpr (kAsync) KCopy::async_wait();
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int j = n0 + warp * 16 + g + hf * 8;
+      if (j >= span.sk) continue;
+      T* krow = dk + span.k_at(b, dk_sb, dk_ss) + static_cast<long long>(j) * dk_ss + hk * dk_sh;
+      T* vrow = dv + span.k_at(b, dv_sb, dv_ss) + static_cast<long long>(j) * dv_ss + hk * dv_sh;
+#pragma unroll
+      for (int t = 0; t < DT; ++t) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = t * 8 + tig * 2 + e;
+          if (col < d) {
+            krow[col] = from_float<T>(dka[t][2 * hf + e] * dq_scale);
+            vrow[col] = from_float<T>(dva[t][2 * hf + e]);
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace portattn
