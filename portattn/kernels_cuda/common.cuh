@@ -298,6 +298,30 @@ struct CtaTile : SeqSpan {
   }
 };
 
+// The key tile, batch and KV head a backward dK/dV CTA computes, and the query rows
+// [m_lo, m_hi) that see any of its keys (the window read backwards). Key tiles of one
+// (batch, KV head) are adjacent in launch order. The grid covers the longest sequence
+// (sk_max); cols_valid <= 0 means the tile starts past this sequence's end, and the CTA
+// must return before any barrier.
+struct KeyTile : SeqSpan {
+  int b, hk, n0, cols_valid, m_lo, m_hi;
+
+  __device__ __forceinline__ KeyTile(int bn, int hq, int group, int sq_max, int sk_max,
+                                     const int* cu_q, const int* cu_k, int align_br,
+                                     int win_left, int win_right)
+      : SeqSpan(static_cast<int>(blockIdx.x / ((sk_max + bn - 1) / bn)) / (hq / group),
+                sq_max, sk_max, cu_q, cu_k, align_br) {
+    const int num_nb = (sk_max + bn - 1) / bn;
+    const int bh = static_cast<int>(blockIdx.x / num_nb);
+    b = bh / (hq / group);
+    hk = bh % (hq / group);
+    n0 = static_cast<int>(blockIdx.x % num_nb) * bn;
+    cols_valid = min(bn, sk - n0);
+    m_lo = win_right >= 0 ? max(0, n0 - diag_off - win_right) : 0;
+    m_hi = win_left >= 0 ? min(sq, n0 + cols_valid - 1 - diag_off + win_left + 1) : sq;
+  }
+};
+
 // Score modifiers and the window for this CTA's (batch, head), from the kernel arguments
 // every family shares, plus the range of keys any of its rows can see.
 struct CtaScores {

@@ -202,25 +202,15 @@ __global__ void __launch_bounds__(NT, 1) simt_bwd_kernel(PORTATTN_BWD_PARAMS(T))
     };
 
     if (stage == kStageDkdv) {
-      const int hkv = hq / group;
-      const int num_nb = (sk + BN - 1) / BN;
-      const int nb = static_cast<int>(blockIdx.x % num_nb);
-      const int bh = static_cast<int>(blockIdx.x / num_nb);
-      const int b = bh / hkv, hk = bh % hkv;
-      // The grid covers the longest sequence; in a varlen batch shorter ones end early.
-      const SeqSpan span(b, sq, sk, cu_q, cu_k, align_br);
-      const int n0 = nb * BN, cols_valid = min(BN, span.sk - n0);
-      if (cols_valid <= 0) return;
-      const int diag_off = span.diag_off;
+      const KeyTile kt(BN, hq, group, sq, sk, cu_q, cu_k, align_br, win_left, win_right);
+      if (kt.cols_valid <= 0) return;
+      const SeqSpan& span = kt;
+      const int b = kt.b, hk = kt.hk, n0 = kt.n0, cols_valid = kt.cols_valid;
+      const int diag_off = kt.diag_off, m_lo = kt.m_lo, m_hi = kt.m_hi;
       stage_cols<T, BN, D, NT>(Kt, k + span.k_at(b, k_sb, k_ss) + hk * k_sh, k_ss, n0,
                                cols_valid, d, vec_flags & 2, 1.f);
       stage_cols<T, BN, D, NT>(Vt, v + span.k_at(b, v_sb, v_ss) + hk * v_sh, v_ss, n0,
                                cols_valid, d, vec_flags & 4, 1.f);
-      // Query rows that see at least one key of this tile (the window read backwards).
-      const int m_lo = win_right >= 0 ? max(0, n0 - diag_off - win_right) : 0;
-      const int m_hi = win_left >= 0
-                           ? min(span.sq, n0 + cols_valid - 1 - diag_off + win_left + 1)
-                           : span.sq;
       float dka[G::RK][G::DC], dva[G::RK][G::DC];
 #pragma unroll
       for (int r = 0; r < G::RK; ++r)

@@ -74,20 +74,11 @@ __global__ void __launch_bounds__(NT, 1) tc_bwd_kernel(PORTATTN_BWD_PARAMS(T)) {
     float* lse2s = reinterpret_cast<float*>(dSt + BN * LS);
     float* deltas = lse2s + NBUF * BM;
 
-    const int hkv = hq / group;
-    const int num_nb = (sk + BN - 1) / BN;
-    const int nb = static_cast<int>(blockIdx.x % num_nb);
-    const int bh = static_cast<int>(blockIdx.x / num_nb);
-    const int b = bh / hkv, hk = bh % hkv;
-    // The grid covers the longest sequence; in a varlen batch shorter ones end early.
-    const SeqSpan span(b, sq, sk, cu_q, cu_k, align_br);
-    const int n0 = nb * BN, cols_valid = min(BN, span.sk - n0);
-    if (cols_valid <= 0) return;
-    const int diag_off = span.diag_off;
-    // Query rows that see at least one key of this tile (the window read backwards).
-    const int m_lo = win_right >= 0 ? max(0, n0 - diag_off - win_right) : 0;
-    const int m_hi = win_left >= 0 ? min(span.sq, n0 + cols_valid - 1 - diag_off + win_left + 1)
-                                   : span.sq;
+    const KeyTile kt(BN, hq, group, sq, sk, cu_q, cu_k, align_br, win_left, win_right);
+    if (kt.cols_valid <= 0) return;
+    const SeqSpan& span = kt;
+    const int b = kt.b, hk = kt.hk, n0 = kt.n0, cols_valid = kt.cols_valid;
+    const int diag_off = kt.diag_off, m_lo = kt.m_lo, m_hi = kt.m_hi;
     const int m_start = m_lo / BM * BM;
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
