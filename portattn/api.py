@@ -154,7 +154,10 @@ def _alibi_view(alibi_slopes, qv: _arrays.ArrayView, batch: int, hq: int):
 
 def _prepare(q, k, v, *, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
              deterministic, return_attn_probs, bias, causal_align, dropout_seed=None,
-             dropout_offset=0) -> _Prepared:
+             dropout_offset=0, varlen=None) -> _Prepared:
+    """Validated arguments, the problem and its plan. ``varlen`` (varlen.Varlen): q, k, v are
+    a packed batch seen as one sequence of all tokens; the problem, ALiBi slopes and
+    return_attn_probs's size then count its sequences and longest lengths."""
     qv, kv, vv = _arrays.view(q, "q"), _arrays.view(k, "k"), _arrays.view(v, "v")
     for name, x in (("q", qv), ("k", kv), ("v", vv)):
         if not x.on_gpu:
@@ -188,13 +191,15 @@ def _prepare(q, k, v, *, dropout_p, softmax_scale, causal, window_size, softcap,
             raise ValueError(f"{name}.shape[-1] (head dim) must equal q.shape[-1] = {d}, "
                              f"got {x.shape[3]}")
 
+    nseq, max_q, max_k = ((varlen.nseq, varlen.max_q, varlen.max_k) if varlen is not None
+                          else (batch, sq, sk))
     dropout_p = check_dropout_args(dropout_p, dropout_seed, dropout_offset, qv.kind)
-    check_attn_probs(return_attn_probs, batch, hq, sq, sk)
+    check_attn_probs(return_attn_probs, nseq, hq, max_q, max_k)
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     softmax_scale, softcap, (left, right) = _score_options(
         d, softmax_scale, softcap, window_size, causal, causal_align)
-    alibi = _alibi_view(alibi_slopes, qv, batch, hq)
+    alibi = _alibi_view(alibi_slopes, qv, nseq, hq)
 
     bias_view, bias_strides = None, (0, 0, 0, 0)
     if bias is not None:
@@ -205,14 +210,15 @@ def _prepare(q, k, v, *, dropout_p, softmax_scale, causal, window_size, softcap,
                             f"got {bias_view.dtype}")
         bias_strides = _broadcast_strides(bias_view, (batch, hq, sq, sk))
 
-    problem = Problem(dtype=qv.dtype, head_dim=d, seqlen_q=sq, seqlen_k=sk, batch=batch,
+    problem = Problem(dtype=qv.dtype, head_dim=d, seqlen_q=max_q, seqlen_k=max_k, batch=nseq,
                       nheads_q=hq, nheads_kv=hkv, causal=bool(causal), window=(left, right),
-                      alibi=alibi is not None, softcap=softcap > 0, bias=bias is not None)
+                      alibi=alibi is not None, softcap=softcap > 0, bias=bias is not None,
+                      varlen=varlen is not None)
     device = detect(qv.device)
     plan = select_plan(device, problem, only=forced_path())
     return _Prepared(device, problem, plan, qv, kv, vv, bias_view, bias_strides, alibi,
                      softmax_scale, softcap, (left, right), causal_align == "bottom_right",
-                     dropout_p=dropout_p, dropout_seed=dropout_seed,
+                     varlen=varlen, dropout_p=dropout_p, dropout_seed=dropout_seed,
                      dropout_offset=int(dropout_offset))
 
 

@@ -9,16 +9,15 @@ the end of a shorter one return at once.
 """
 from __future__ import annotations
 
-import dataclasses
 import numbers
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import _arrays
-from .api import _alibi_view, _host_ints, _int32_array, _prepare, _Prepared
-from .arch import forced_path, select_plan
-from .dropout import attn_probs, check_attn_probs, draw_seed, require_forward_seed
+from .api import _host_ints, _int32_array, _prepare, _Prepared
+from .arch import forced_path
+from .dropout import attn_probs, draw_seed, require_forward_seed
 
 
 @dataclass(frozen=True)
@@ -85,24 +84,18 @@ def _prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
     if cu_k.shape != cu_q.shape:
         raise ValueError(f"cu_seqlens_k.shape must equal cu_seqlens_q.shape = {cu_q.shape} "
                          f"(batch + 1,), got {cu_k.shape}")
-    nseq = cu_q.shape[0] - 1
-    alibi = _alibi_view(alibi_slopes, qv, nseq, qv.shape[1])
     if check_indices:
         _check_offsets(_host_ints(cu_q), "cu_seqlens_q", qv.shape[0], "q.shape[0] (total_q)",
                        max_seqlen_q, "max_seqlen_q")
         _check_offsets(_host_ints(cu_k), "cu_seqlens_k", kv.shape[0], "k.shape[0] (total_k)",
                        max_seqlen_k, "max_seqlen_k")
+    packing = Varlen(cu_q, cu_k, cu_q.shape[0] - 1, int(max_seqlen_q), int(max_seqlen_k),
+                     qv.shape[0])
     # The packed tensors as one dense sequence: every dense check (dtypes, heads, head dim,
-    # strides, options) applies as is.
-    check_attn_probs(return_attn_probs, nseq, qv.shape[1], max_seqlen_q, max_seqlen_k)
-    p = _prepare(_leading_one(q, "q"), _leading_one(k, "k"), _leading_one(v, "v"),
-                 alibi_slopes=None, bias=None, return_attn_probs=False, **options)
-    problem = dataclasses.replace(p.problem, batch=nseq, seqlen_q=int(max_seqlen_q),
-                                  seqlen_k=int(max_seqlen_k), alibi=alibi is not None,
-                                  varlen=True)
-    plan = select_plan(p.device, problem, only=forced_path())
-    packing = Varlen(cu_q, cu_k, nseq, int(max_seqlen_q), int(max_seqlen_k), qv.shape[0])
-    return dataclasses.replace(p, problem=problem, plan=plan, alibi=alibi, varlen=packing)
+    # strides, options) applies as is; the plan counts sequences and their longest lengths.
+    return _prepare(_leading_one(q, "q"), _leading_one(k, "k"), _leading_one(v, "v"),
+                    alibi_slopes=alibi_slopes, bias=None, return_attn_probs=return_attn_probs,
+                    varlen=packing, **options)
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
