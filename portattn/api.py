@@ -95,8 +95,20 @@ def _int32_array(x, name: str, qv: _arrays.ArrayView, ndim: int, dims: str):
     return a
 
 
+def _capturing(a: _arrays.ArrayView) -> bool:
+    """Whether the caller's stream is capturing a CUDA graph (no host copy may run)."""
+    if a.kind == "torch":
+        import torch
+        return torch.cuda.is_current_stream_capturing()
+    stream = _arrays.stream_for(a)
+    return bool(getattr(stream, "is_capturing", lambda: False)())
+
+
 def _host_ints(a: _arrays.ArrayView) -> np.ndarray:
     """The values of a small device integer array (one copy to the host, which syncs)."""
+    if _capturing(a):
+        raise ValueError("check_indices=True copies index arrays to the host, which CUDA-graph "
+                         "capture forbids: pass check_indices=False while capturing")
     if a.kind == "torch":
         return a.obj.detach().cpu().numpy().astype(np.int64)
     import cupy

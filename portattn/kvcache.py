@@ -56,10 +56,11 @@ class _KV:
     top_left: bool
 
 
-# Checking index values needs a host copy (a sync, ~0.14 ms on an H100, and no CUDA-graph
-# capture); flash_attn does not check them either. Off by default: out-of-range values are
-# clamped inside the cache on the device. check_indices=True, or this variable set to 1,
-# turns the check on (debugging).
+# Index values live on the GPU, so checking them before launch needs a host copy: a sync
+# (0.2 ms per decode step on an H100, measured in benchmarks/) that CUDA-graph capture
+# forbids. On by default, so a bad index raises before launch; check_indices=False, or this
+# variable set to 0, skips it (flash_attn never checks), and the kernels then clamp
+# out-of-range values inside the cache.
 CHECK_INDICES_ENV = "PORTATTN_CHECK_INDICES"
 
 
@@ -171,7 +172,7 @@ def _prepare(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_ta
         raise ValueError(f"num_splits must be an int in 0..{MAX_SPLITS} (0: the plan chooses), "
                          f"got {num_splits!r}")
     if check_indices is None:
-        check_indices = os.environ.get(CHECK_INDICES_ENV, "0") not in ("", "0")
+        check_indices = os.environ.get(CHECK_INDICES_ENV, "1") not in ("", "0")
     for name, flag in (("return_softmax_lse", return_softmax_lse), ("causal", causal),
                        ("check_indices", check_indices)):
         if not isinstance(flag, bool):
@@ -228,9 +229,17 @@ _COUNTERS: dict = {}
 
 def _counters(device, n: int):
     import cupy
-    key = (device, cupy.cuda.get_current_stream().ptr)
+    stream = cupy.cuda.get_current_stream()
+    key = (device, stream.ptr)
     buf = _COUNTERS.get(key)
     if buf is None or buf.size < n:
+        # Allocating (and zeroing) is not capturable; a graph must find them in place.
+        if getattr(stream, "is_capturing", lambda: False)():
+            raise ValueError(
+                "split-KV decoding keeps its merge counters per stream, and this stream has "
+                "none yet: run the call once on the capturing stream before CUDA-graph capture "
+                "(torch.cuda.graph captures on its own stream unless given stream=), or pass "
+                "num_splits=1")
         buf = cupy.zeros(max(n, 4096), dtype=cupy.int32)
         _COUNTERS[key] = buf
     return buf
@@ -332,11 +341,12 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
     lse (batch, nheads, seqlen_q) float32 when ``return_softmax_lse``.
 
     portattn keyword-only additions: ``causal_align`` as in flash_attn_func;
-    ``check_indices``: True copies cache_seqlens, block_table and cache_batch_idx to the
-    host before launch and raises ValueError naming any out-of-range value; False (and the
-    default None, unless PORTATTN_CHECK_INDICES=1) skips that sync, as flash_attn does,
-    and out-of-range values are clamped inside the cache instead (never read or written
-    out of bounds, but the result is then meaningless).
+    ``check_indices``: True (the default None means True unless PORTATTN_CHECK_INDICES=0)
+    copies cache_seqlens, block_table and cache_batch_idx to the host before launch (one
+    sync) and raises ValueError naming any out-of-range value. False skips that sync, as
+    flash_attn does (needed under CUDA-graph capture); out-of-range values are then clamped
+    inside the cache (never read or written out of bounds, but the result is meaningless).
+    Without index arrays (cache_seqlens None or an int) nothing is copied either way.
     """
     p = _prepare(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table,
                  softmax_scale, causal, window_size, softcap, alibi_slopes, num_splits,

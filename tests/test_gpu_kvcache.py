@@ -219,8 +219,7 @@ def test_cache_seqlens_int64_refused_on_gpu():
         portattn.flash_attn_with_kvcache(q, kc, kc, cache_seqlens=torch.tensor([3], device="cuda"))
     with pytest.raises(ValueError, match="cache capacity = 32"):
         portattn.flash_attn_with_kvcache(
-            q, kc, kc, cache_seqlens=torch.tensor([33], device="cuda", dtype=torch.int32),
-            check_indices=True)
+            q, kc, kc, cache_seqlens=torch.tensor([33], device="cuda", dtype=torch.int32))
 
 
 @pytest.mark.parametrize("arch", [None, 70])
@@ -233,10 +232,45 @@ def test_unchecked_bad_indices_stay_inside_the_cache(arch):
     idx = torch.tensor([7, -1], device="cuda", dtype=torch.int32)
     with forced_arch(arch):
         out = portattn.flash_attn_with_kvcache(q, kc, kc.clone(), knew, knew, cache_seqlens=lens,
-                                               cache_batch_idx=idx)
+                                               cache_batch_idx=idx, check_indices=False)
         pages = torch.randn(4, 16, 2, 128, device="cuda", dtype=torch.float16)
         table = torch.tensor([[0, 9, -3, 1], [2, 3, 100, 0]], device="cuda", dtype=torch.int32)
         out2 = portattn.flash_attn_with_kvcache(q, pages, pages, cache_seqlens=lens,
-                                                block_table=table)
+                                                block_table=table, check_indices=False)
     torch.cuda.synchronize()
     assert torch.isfinite(out).all() and torch.isfinite(out2).all()
+
+
+def test_cuda_graph_capture_needs_unchecked_indices():
+    """A decode step with GPU index arrays captures into a CUDA graph with
+    check_indices=False and replays to the eager result; the default check refuses to
+    run inside the capture (its host copy is not capturable), and so does a capture on a
+    stream that has no split-merge counters yet, each with a message saying so."""
+    import torch
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q = torch.randn(2, 1, 8, 128, device="cuda", dtype=torch.float16, generator=g)
+    kc = torch.randn(2, 3000, 2, 128, device="cuda", dtype=torch.float16, generator=g)
+    vc = torch.randn(2, 3000, 2, 128, device="cuda", dtype=torch.float16, generator=g)
+    lens = torch.tensor([2999, 1234], device="cuda", dtype=torch.int32)
+    step = lambda **kw: portattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens,  # noqa
+                                                          num_splits=3, **kw)
+    eager = step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(check_indices=False)  # compiles, and makes this stream's split-merge counters
+    torch.cuda.current_stream().wait_stream(side)
+    with pytest.raises(ValueError, match="merge counters per stream"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):  # its own, unwarmed stream
+            step(check_indices=False)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        out = step(check_indices=False)
+    q.copy_(torch.randn(q.shape, device="cuda", dtype=q.dtype, generator=g))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, step())
+    assert not torch.equal(out, eager)
+    with pytest.raises(ValueError, match="CUDA-graph capture forbids"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph(), stream=side):
+            step()

@@ -130,23 +130,31 @@ def test_cache_batch_idx_out_of_range_is_refused():
             q, kc, kc, cache_batch_idx=idx, check_indices=True)
 
 
-@pytest.mark.parametrize("kw", [dict(check_indices=False), dict()], ids=repr)
-def test_unchecked_indices_skip_the_host_copy(monkeypatch, kw):
+def test_unchecked_indices_skip_the_host_copy(monkeypatch):
     def boom(a):
         raise AssertionError("host copy without check_indices")
     monkeypatch.setattr(kvcache, "_host_ints", boom)
     q, kc, vc = base()
     reaches(portattn.flash_attn_with_kvcache, q, kc, vc,
-            cache_seqlens=arr(B, dtype="int32", values=[S + 5, 0]), **kw)
+            cache_seqlens=arr(B, dtype="int32", values=[S + 5, 0]), check_indices=False)
+    # Without index arrays there is nothing to copy, checked or not.
+    reaches(portattn.flash_attn_with_kvcache, q, kc, vc, cache_seqlens=S)
+    reaches(portattn.flash_attn_with_kvcache, q, kc, vc)
 
 
-def test_check_indices_from_the_environment(monkeypatch):
-    monkeypatch.setenv(kvcache.CHECK_INDICES_ENV, "1")
+def test_indices_are_checked_by_default():
     q, kc, vc = base()
     refused(portattn.flash_attn_with_kvcache, ValueError, "cache capacity = 128", q, kc, vc,
             cache_seqlens=arr(B, dtype="int32", values=[S + 5, 0]))
+
+
+def test_check_indices_off_from_the_environment(monkeypatch):
+    monkeypatch.setenv(kvcache.CHECK_INDICES_ENV, "0")
+    q, kc, vc = base()
     reaches(portattn.flash_attn_with_kvcache, q, kc, vc,
-            cache_seqlens=arr(B, dtype="int32", values=[S + 5, 0]), check_indices=False)
+            cache_seqlens=arr(B, dtype="int32", values=[S + 5, 0]))
+    refused(portattn.flash_attn_with_kvcache, ValueError, "cache capacity = 128", q, kc, vc,
+            cache_seqlens=arr(B, dtype="int32", values=[S + 5, 0]), check_indices=True)
 
 
 @pytest.mark.parametrize("make, exc, match", [

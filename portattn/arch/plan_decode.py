@@ -197,8 +197,9 @@ def select_decode_plan(device: DeviceInfo, problem: DecodeProblem,
         by_len = max(1, p.seqlen_k // MIN_KEYS_PER_SPLIT)
         splits = max(1, min(slots // blocks, by_len, MAX_SPLITS))
         if splits == 1:
-            split_why = (f"1 split: {blocks} CTA(s) already fill {slots} resident slots "
-                         f"({sm_note} x {ctas})" if blocks >= slots else
+            split_why = (f"1 split: {blocks} CTA(s) (batch x KV heads x row tiles) leave no "
+                         f"room for a second split in one wave of {slots} resident slots "
+                         f"({sm_note} x {ctas})" if 2 * blocks > slots else
                          f"1 split: {p.seqlen_k} keys are too few to share "
                          f"(< {2 * MIN_KEYS_PER_SPLIT})")
         else:
