@@ -267,6 +267,13 @@ def _launch(p: _KV, with_lse: bool):
     plan = p.plan
     dev = p.q.device
     with cupy.cuda.Device(dev), _arrays.stream_for(p.q):
+        splits = plan.num_splits
+        part = part_lse = counters = None
+        if splits > 1 and batch > 0 and sq > 0:
+            # First: under capture, missing counters raise before anything is launched.
+            counters = _counters(dev, batch * hkv * plan.row_tiles)
+            part = _arrays.empty(p.q, (splits, batch * hq * sq, d), "float32")
+            part_lse = _arrays.empty(p.q, (splits, batch * hq * sq), "float32")
         if p.k is not None and p.k.shape[1] > 0 and batch > 0:
             total = batch * p.k.shape[1] * hkv * d
             spec = plan.append_spec
@@ -280,13 +287,7 @@ def _launch(p: _KV, with_lse: bool):
                 i32(max(page_size, 1)), i32(nblocks), i32(p.capacity), i64(total)))
         if batch == 0 or sq == 0:
             return out, lse
-        splits = plan.num_splits
         grid = batch * hkv * plan.grid
-        part = part_lse = counters = None
-        if splits > 1:
-            part = _arrays.empty(p.q, (splits, batch * hq * sq, d), "float32")
-            part_lse = _arrays.empty(p.q, (splits, batch * hq * sq), "float32")
-            counters = _counters(dev, batch * hkv * plan.row_tiles)
         alibi_sb, alibi_sh = 0, 0
         if p.alibi is not None:
             alibi_sb, alibi_sh = ((0, p.alibi.strides[0]) if len(p.alibi.shape) == 1
