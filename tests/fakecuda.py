@@ -27,3 +27,24 @@ class FakeCudaArray:
 
 def arr(*shape, dtype="float16", strides=None, values=None):
     return FakeCudaArray(shape, dtype, strides, values)
+
+
+class ReachedDetect(Exception):
+    """Raised by the stand-in for detect(): validation accepted every argument."""
+
+
+def fake_gpu(monkeypatch, detect_owner, host_ints_owner=None):
+    """No GPU, but a call that passes validation reaches detect() (imported into
+    ``detect_owner``) and raises ReachedDetect there. Index values read by
+    ``host_ints_owner._host_ints`` come from VALUES. Fake pointers live on device 0, and a
+    stray PORTATTN_ARCH / PORTATTN_PATH cannot change what detect() sees."""
+    monkeypatch.delenv("PORTATTN_ARCH", raising=False)
+    monkeypatch.delenv("PORTATTN_PATH", raising=False)
+    from portattn import _arrays
+    monkeypatch.setattr(_arrays, "_cai_device", lambda ptr, name: 0)
+    if host_ints_owner is not None:
+        monkeypatch.setattr(host_ints_owner, "_host_ints", lambda a: VALUES[a.ptr])
+
+    def sentinel(device_id):
+        raise ReachedDetect(device_id)
+    monkeypatch.setattr(detect_owner, "detect", sentinel)

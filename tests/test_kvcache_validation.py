@@ -14,13 +14,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import portattn
-from portattn import _arrays, kvcache
+from portattn import kvcache
 from portattn.arch import GATE_CCS, DecodeProblem, device_from_arch, select_decode_plan
 from portattn.arch.device import DeviceInfo
 from portattn.arch.plan_decode import (MAX_SPLITS, all_decode_specs_for, decode_head_dim,
                                        tc_head_dim)
 
-from fakecuda import VALUES, arr
+from fakecuda import ReachedDetect, arr, fake_gpu
 
 B, SQ, HQ, HKV, D, S = 2, 1, 8, 2, 64, 128
 ENTRY_POINTS = [portattn.flash_attn_with_kvcache, portattn.explain_kvcache]
@@ -31,20 +31,9 @@ def base(b=B, sq=SQ, hq=HQ, hkv=HKV, d=D, s=S, dtype="float16"):
         arr(b, s, hkv, d, dtype=dtype)
 
 
-class ReachedDetect(Exception):
-    pass
-
-
 @pytest.fixture(autouse=True)
 def fakes(monkeypatch):
-    monkeypatch.delenv("PORTATTN_ARCH", raising=False)
-    monkeypatch.delenv("PORTATTN_PATH", raising=False)
-    monkeypatch.setattr(_arrays, "_cai_device", lambda ptr, name: 0)
-    monkeypatch.setattr(kvcache, "_host_ints", lambda a: VALUES[a.ptr])
-
-    def fake_detect(device_id):
-        raise ReachedDetect(device_id)
-    monkeypatch.setattr(kvcache, "detect", fake_detect)
+    fake_gpu(monkeypatch, kvcache, kvcache)
 
 
 def reaches(fn, *args, **kw):

@@ -22,7 +22,7 @@ import portattn
 from portattn import _arrays, api
 from portattn.arch import device_from_arch
 
-from fakecuda import arr
+from fakecuda import ReachedDetect, arr
 
 ENTRY_POINTS = [portattn.flash_attn_func, portattn.explain]
 B, SQ, SK, HQ, HKV, D = 2, 8, 16, 4, 2, 64
@@ -31,10 +31,6 @@ B, SQ, SK, HQ, HKV, D = 2, 8, 16, 4, 2, 64
 def qkv(b=B, sq=SQ, sk=SK, hq=HQ, hkv=HKV, d=D, dtype="float16"):
     return arr(b, sq, hq, d, dtype=dtype), arr(b, sk, hkv, d, dtype=dtype), \
         arr(b, sk, hkv, d, dtype=dtype)
-
-
-class ReachedDetect(Exception):
-    """Raised by the stand-in for detect(): validation accepted every argument."""
 
 
 @pytest.fixture(autouse=True)

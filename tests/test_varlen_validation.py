@@ -13,30 +13,19 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import portattn
-from portattn import _arrays, api, varlen
+from portattn import api, varlen
 from portattn.arch import device_from_arch
 
-from fakecuda import VALUES, arr
+from fakecuda import ReachedDetect, arr, fake_gpu
 
 HQ, HKV, D = 8, 2, 64
 LENS_Q, LENS_K = [3, 0, 5], [4, 2, 0]
 ENTRY_POINTS = [portattn.flash_attn_varlen_func, portattn.explain_varlen]
 
 
-class ReachedDetect(Exception):
-    pass
-
-
 @pytest.fixture(autouse=True)
 def fakes(monkeypatch):
-    monkeypatch.delenv("PORTATTN_ARCH", raising=False)
-    monkeypatch.delenv("PORTATTN_PATH", raising=False)
-    monkeypatch.setattr(_arrays, "_cai_device", lambda ptr, name: 0)
-    monkeypatch.setattr(varlen, "_host_ints", lambda a: VALUES[a.ptr])
-
-    def fake_detect(device_id):
-        raise ReachedDetect(device_id)
-    monkeypatch.setattr(api, "detect", fake_detect)
+    fake_gpu(monkeypatch, api, varlen)
 
 
 def cu(lengths, dtype="int32"):
