@@ -225,7 +225,7 @@ def _prepare(q, k, v, *, dropout_p, softmax_scale, causal, window_size, softcap,
     problem = Problem(dtype=qv.dtype, head_dim=d, seqlen_q=max_q, seqlen_k=max_k, batch=nseq,
                       nheads_q=hq, nheads_kv=hkv, causal=bool(causal), window=(left, right),
                       alibi=alibi is not None, softcap=softcap > 0, bias=bias is not None,
-                      varlen=varlen is not None)
+                      varlen=varlen is not None, neg_scale=softmax_scale < 0)
     device = detect(qv.device)
     plan = select_plan(device, problem, only=forced_path())
     return _Prepared(device, problem, plan, qv, kv, vv, bias_view, bias_strides, alibi,

@@ -30,6 +30,11 @@ class KernelCompileError(RuntimeError):
         self.spec, self.log, self.arch = spec, log, arch
         super().__init__(f"NVRTC failed to compile {spec}{' for ' + arch if arch else ''}:\n{log}")
 
+    def __reduce__(self):
+        # The compile gate's worker processes send it back pickled: rebuilt from the same
+        # three fields (the default would call __init__ with the message alone).
+        return type(self), (self.spec, self.log, self.arch)
+
 
 @lru_cache(maxsize=None)
 def kernel_files() -> dict:

@@ -17,14 +17,21 @@ HEAD_DIM_GRANULE = 32
 HEAD_DIM_BUCKETS = tuple(range(HEAD_DIM_GRANULE, MAX_HEAD_DIM + 1, HEAD_DIM_GRANULE))
 
 
+# KernelSpec.feat bits (tc_fwd.cu's FEAT): softcap, ALiBi, bias or a negative softmax scale.
+FEAT_MODS = 1
+
+
 def head_dim_bucket(head_dim: int) -> int:
     return -(-head_dim // HEAD_DIM_GRANULE) * HEAD_DIM_GRANULE
 
 
 @dataclass(frozen=True)
 class KernelSpec:
-    """One template instantiation. Everything that changes the generated code is here;
-    run-time features (masks, ALiBi, softcap, bias) are kernel arguments, not variants."""
+    """One template instantiation. Everything that changes the generated code is here.
+    Run-time features (masks, ALiBi, softcap, bias) are kernel arguments; only the
+    tensor-core forward and backward compile the score modifiers in or out (FEAT_MODS):
+    the forward's run-time branch measured 13-25% on causal tiles (benchmarks/NOTES.md,
+    fifth session)."""
     family: str          # kernel family == .cu file stem: "simt_fwd" or "tc_fwd"
     dtype: str           # element type of q/k/v/out
     head_dim: int        # padded head dim (a HEAD_DIM_BUCKETS value)
@@ -34,6 +41,8 @@ class KernelSpec:
     tx: int = 0          # simt_fwd / simt_bwd: threads sharing one query row group
     mma: int = 0         # tc_fwd: MMA policy, 80 (m16n8k16 + cp.async) or 75 (m16n8k8);
                          # tc70_fwd: 70 (m8n8k4)
+    feat: int = 0        # tc_fwd, tc_bwd: FEAT_* bits compiled in (0: plain or masked)
+    min_ctas: int = 1    # tc_fwd: resident CTAs per SM asked of ptxas (__launch_bounds__)
 
     @property
     def name_expression(self) -> str:
@@ -42,8 +51,10 @@ class KernelSpec:
             return (f"portattn::{DECODE_KERNELS[self.tx]}<{DTYPE_CTYPE[self.dtype]}, "
                     f"{self.head_dim}, {self.block_m}, {self.block_n}, {self.threads}{arch}>")
         last = self.tx if self.family in ("simt_fwd", "simt_bwd") else self.mma
+        feat = {"tc_fwd": f", {self.feat}, {self.min_ctas}",
+                "tc_bwd": f", {self.feat}"}.get(self.family, "")
         return (f"portattn::{self.family}_kernel<{DTYPE_CTYPE[self.dtype]}, {self.head_dim}, "
-                f"{self.block_m}, {self.block_n}, {self.threads}, {last}>")
+                f"{self.block_m}, {self.block_n}, {self.threads}, {last}{feat}>")
 
     @property
     def smem_bytes(self) -> int:
@@ -51,8 +62,10 @@ class KernelSpec:
 
     def short(self) -> str:
         mma = f"/mma{self.mma}" if self.mma else ""
+        feat = ("/mods" if self.feat & FEAT_MODS else "") + \
+            (f"/min{self.min_ctas}" if self.min_ctas > 1 else "")
         return (f"{self.family}{mma}/{self.dtype}/d{self.head_dim}/"
-                f"{self.block_m}x{self.block_n}/t{self.threads}")
+                f"{self.block_m}x{self.block_n}/t{self.threads}{feat}")
 
 
 def simt_fwd_smem_bytes(spec: KernelSpec) -> int:

@@ -8,6 +8,7 @@ back from the code under test.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import re
 import types
@@ -31,7 +32,7 @@ from portattn.arch import (
 )
 from portattn.arch import plan as plan_mod
 from portattn.arch.table import MMA_M8N8K4, MMA_M16N8K8, MMA_M16N8K16, MMA_NONE
-from portattn.spec import DTYPES, HEAD_DIM_BUCKETS, KernelSpec
+from portattn.spec import DTYPES, FEAT_MODS, HEAD_DIM_BUCKETS, KernelSpec
 
 # portattn.arch re-exports the detect() function under the submodule's name.
 detect_mod = importlib.import_module("portattn.arch.detect")
@@ -393,20 +394,31 @@ def test_select_plan_is_pure():
                                                                                causal=True))
 
 
-@pytest.mark.parametrize("cc", [61, 75, 90])
-def test_features_do_not_change_the_kernel(cc):
-    # Masks, ALiBi, softcap and bias are kernel arguments: a different spec would mean a
-    # separate compile the compile gate never covered.
+@pytest.mark.parametrize("cc", [61, 70, 75, 90])
+def test_features_change_only_the_mods_bit(cc):
+    # Masks and shapes are kernel arguments. Score modifiers (ALiBi, softcap, bias, a
+    # negative scale) change only tc_fwd's FEAT_MODS bit (and drop its register cap), and
+    # that spec is in the compile gate's list too: any other difference would be a compile
+    # the gate never covered.
     dev = device_from_arch(cc)
+    gate = set(all_specs_for(dev))
     for dtype in DTYPES:
         for d in (40, 128, 256):
             base = select_plan(dev, Problem(dtype, d))
-            for kw in (dict(causal=True), dict(window=(16, 0)), dict(alibi=True),
-                       dict(softcap=True), dict(bias=True),
+            assert base.spec.feat == 0
+            for kw in (dict(causal=True), dict(window=(16, 0)),
                        dict(seqlen_q=7, seqlen_k=5000, batch=9, nheads_q=8, nheads_kv=2)):
                 other = select_plan(dev, Problem(dtype, d, **kw))
                 assert (other.spec, other.smem_bytes, other.ctas_per_sm) == \
                     (base.spec, base.smem_bytes, base.ctas_per_sm), kw
+            for kw in (dict(alibi=True), dict(softcap=True), dict(bias=True),
+                       dict(neg_scale=True), dict(causal=True, alibi=True)):
+                other = select_plan(dev, Problem(dtype, d, **kw))
+                want = FEAT_MODS if other.spec.family == "tc_fwd" else 0
+                assert other.spec == dataclasses.replace(base.spec, feat=want, min_ctas=1), kw
+                assert (other.smem_bytes, other.ctas_per_sm) == \
+                    (base.smem_bytes, base.ctas_per_sm), kw
+                assert other.spec in gate, kw
 
 
 @pytest.mark.parametrize("dtype, d", [("float64", 64), ("float16", 0), ("float16", 257)])
@@ -541,7 +553,11 @@ def test_all_specs_for_covers_every_dtype_and_bucket(cc):
     dev = device_from_arch(cc)
     specs = all_specs_for(dev)
     keys = list(specs)
-    assert len(keys) == len(set(keys)) == len(DTYPES) * len(HEAD_DIM_BUCKETS)
+    # One spec per (dtype, bucket), two where tc_fwd runs it (with and without FEAT_MODS).
+    n_tc = sum(s.family == "tc_fwd" for s in keys)
+    assert len(keys) == len(set(keys)) == len(DTYPES) * len(HEAD_DIM_BUCKETS) + n_tc // 2
+    assert {(s.dtype, s.head_dim, s.feat) for s in keys if s.family == "tc_fwd"} == \
+        {(s.dtype, s.head_dim, f) for s in keys if s.family == "tc_fwd" for f in (0, FEAT_MODS)}
     assert {(s.dtype, s.head_dim) for s in keys} == \
         {(t, d) for t in DTYPES for d in HEAD_DIM_BUCKETS}
     for spec, plan in specs.items():
@@ -701,3 +717,19 @@ def test_bwd_plan_forced_paths():
     assert turing_on_h100.path == "sm75" and turing_on_h100.spec("dkdv").mma == 75
     assert "excluded: PORTATTN_PATH=sm75" in dict(turing_on_h100.rejected)["sm80"]
     assert select_bwd_plan(device_from_arch(75), p, only="sm80").path == "simt"
+
+
+@pytest.mark.parametrize("cc, d, mods, want", [
+    (90, 64, False, 3), (80, 32, False, 3), (90, 64, True, 1), (90, 96, False, 1),
+    (86, 64, False, 1), (89, 64, False, 1), (75, 64, False, 1)])
+def test_tc_register_cap_only_where_three_ctas_fit(cc, d, mods, want):
+    # The 168-register cap (3 CTAs/SM) is asked only on the Ampere+ policy at d <= 64 with no
+    # score modifiers (with them the cap spilled) and where shared memory holds 3 CTAs
+    # (sm_86/89: 100 KB per SM holds 2 of d64's 36 KB).
+    plan = select_plan(device_from_arch(cc), Problem("float16", d, alibi=mods))
+    assert plan.spec.family == "tc_fwd"
+    assert plan.spec.min_ctas == want
+    assert ("ptxas asked for 3 CTAs" in plan.reason) == (want == 3)
+    if want == 3:
+        assert plan.ctas_per_sm >= 3 and "/min3" in plan.spec.short()
+        assert plan.spec.name_expression.endswith(", 80, 0, 3>")

@@ -1,5 +1,7 @@
 """The compile gate in CI: every plannable kernel, every gate arch, real SASS, no GPU."""
 
+import pickle
+
 import pytest
 from toolload import load_tool
 
@@ -65,6 +67,10 @@ def test_compile_error_carries_nvrtc_log_and_spec(monkeypatch):
         comp.compile_cubin(spec, 61)
     assert info.value.spec == spec and info.value.log.strip()
     assert "simt_fwd" in str(info.value) and "sm_61" in str(info.value)
+    # The gate's worker processes return it pickled; it must arrive whole.
+    back = pickle.loads(pickle.dumps(info.value))
+    assert (back.spec, back.log, back.arch, str(back)) == \
+        (spec, info.value.log, "sm_61", str(info.value))
 
 
 def test_cache_key_covers_every_kernel_file(monkeypatch):

@@ -48,6 +48,7 @@ class Case:
     softcap: float = 0.0
     alibi: str = ""          # "", "heads", "batch_heads"
     bias: str = ""           # "" or "<shape>:<float|bool>"
+    softmax_scale: float | None = None   # None: 1/sqrt(d); negative selects FEAT_MODS
     seed: int = 0
 
 
@@ -69,7 +70,8 @@ def cases(draw):
         if draw(st.booleans()) else (-1, -1),
         softcap=draw(st.sampled_from((0.0, 0.0, 5.0, 30.0))),
         alibi=draw(st.sampled_from(("", "", "heads", "batch_heads"))),
-        bias=bias, seed=draw(st.integers(0, 2 ** 32 - 1)),
+        bias=bias, softmax_scale=draw(st.sampled_from((None, None, None, 0.5, -0.2))),
+        seed=draw(st.integers(0, 2 ** 32 - 1)),
     )
 
 
@@ -92,7 +94,7 @@ def make_arrays(case: Case):
 
 def kwargs_of(case: Case):
     return dict(causal=case.causal, causal_align=case.align, window_size=case.window,
-                softcap=case.softcap)
+                softcap=case.softcap, softmax_scale=case.softmax_scale)
 
 
 def run_case(case: Case):
@@ -119,6 +121,7 @@ def run_case(case: Case):
 @example(case=Case(sq=65, sk=129, d=72, bias="sq_sk:float", alibi="heads", softcap=5.0,
                    dtype="float32", deterministic=True, arch=61))
 @example(case=Case(sq=129, sk=257, d=128, hkv=2, group=2, causal=True, arch=90))
+@example(case=Case(sq=130, sk=200, d=64, causal=True, softmax_scale=-0.3, arch=90))
 @example(case=Case(sq=257, sk=129, d=96, dtype="bfloat16", window=(40, 7), arch=86,
                    deterministic=True))
 @example(case=Case(sq=200, sk=97, d=128, causal=True, align="top_left", arch=75,

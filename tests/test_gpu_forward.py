@@ -44,6 +44,7 @@ class Case:
     alibi: str = ""          # "", "heads", "batch_heads"
     bias: str = ""           # "" or "<shape>:<float|bool>"
     q_scale: float = 1.0
+    softmax_scale: float | None = None   # None: 1/sqrt(d); negative selects FEAT_MODS
     seed: int = 0
 
 
@@ -65,6 +66,7 @@ def cases(draw):
         softcap=draw(st.sampled_from((0.0, 0.0, 5.0, 30.0))),
         alibi=draw(st.sampled_from(("", "", "heads", "batch_heads"))),
         bias=bias, q_scale=draw(st.sampled_from((0.3, 1.0, 3.0))),
+        softmax_scale=draw(st.sampled_from((None, None, None, 0.5, -0.2))),
         seed=draw(st.integers(0, 2 ** 32 - 1)),
     )
 
@@ -83,7 +85,7 @@ def run_case(case: Case):
     if case.bias:
         arrays["bias"] = random_bias(rng, case.bias, case.batch, hq, case.sq, case.sk)
     kwargs = dict(causal=case.causal, causal_align=case.align, window_size=case.window,
-                  softcap=case.softcap)
+                  softcap=case.softcap, softmax_scale=case.softmax_scale)
     with forced_arch(case.arch):
         c_out, c_lse = check_forward(kwargs, arrays, case.dtype, case.kind,
                                      portattn.flash_attn_func)
@@ -100,6 +102,8 @@ def run_case(case: Case):
 @example(case=Case(sq=1025, sk=1025, d=256, dtype="bfloat16", causal=True))
 @example(case=Case(sq=1025, sk=97, d=128, window=(33, 5), alibi="batch_heads", batch=2))
 @example(case=Case(sq=97, sk=1025, d=64, hkv=2, group=3, softcap=30.0, bias="full:bool"))
+@example(case=Case(sq=300, sk=257, d=64, causal=True, softmax_scale=-0.3))   # reversed max
+@example(case=Case(sq=129, sk=300, d=128, window=(40, 3), softmax_scale=-0.1, dtype="bfloat16"))
 def test_forward_matches_reference(case):
     run_case(case)
 

@@ -6,9 +6,11 @@ gate, and taken at run time.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
-from ..spec import DTYPES, MAX_HEAD_DIM, KernelSpec, head_dim_bucket, tc_q_in_registers
+from ..spec import (DTYPES, FEAT_MODS, MAX_HEAD_DIM, KernelSpec, head_dim_bucket,
+                    tc_q_in_registers)
 from .device import DeviceInfo
 from .table import MMA_M8N8K4, MMA_M16N8K8, MMA_M16N8K16, MMA_NAMES
 
@@ -28,6 +30,12 @@ class Problem:
     softcap: bool = False
     bias: bool = False
     varlen: bool = False     # packed sequences: batch = their count, seqlens the longest
+    neg_scale: bool = False  # softmax_scale < 0 (reverses the row max)
+
+    @property
+    def score_mods(self) -> bool:
+        """Any per-score modifier beyond masks (the tensor-core kernels' FEAT_MODS)."""
+        return self.alibi or self.softcap or self.bias or self.neg_scale
 
 
 @dataclass(frozen=True)
@@ -221,6 +229,23 @@ def tc_mma_per_ldsm(bm: int, bn: int, threads: int, d: int, mma: int) -> float:
     return mma_ops / ldsm
 
 
+# Ampere+ tiles at d <= 64 without score modifiers compile with no spills at 168
+# registers, so 3 CTAs (12 warps) fit where shared memory allows: the softmax hides behind
+# other warps' MMAs, 0.83-0.86 -> 0.90-0.98x SDPA flash at d64 on an H100
+# (benchmarks/NOTES.md, fifth session). With FEAT_MODS the same cap spilled 220-236 bytes; on sm_86/89 shared
+# memory holds only 2 CTAs and the cap would buy nothing.
+TC_MIN_CTAS = 3
+TC_MIN_CTAS_MAX_D = 64
+
+
+def tc_min_ctas(spec: KernelSpec, ctas_by_smem: int) -> int:
+    """The __launch_bounds__ minimum of a tc_fwd spec (1: no register cap)."""
+    if (spec.mma >= 80 and spec.head_dim <= TC_MIN_CTAS_MAX_D and not spec.feat & FEAT_MODS
+            and ctas_by_smem >= TC_MIN_CTAS):
+        return TC_MIN_CTAS
+    return 1
+
+
 def _plan_tc(device: DeviceInfo, problem: Problem, mma: int):
     """Pick the tile maximising (MMAs per ldmatrix) x min(resident warps, 8) / 8 among
     those within the register estimate and the shared-memory limit."""
@@ -231,7 +256,8 @@ def _plan_tc(device: DeviceInfo, problem: Problem, mma: int):
         if (tc_rows_per_warp(bm, threads) < 1
                 or tc_est_regs(bm, bn, threads, d, mma) > TC_MAX_EST_REGS[mma]):
             continue
-        spec = KernelSpec("tc_fwd", problem.dtype, d, bm, bn, threads, mma=mma)
+        feat = FEAT_MODS if problem.score_mods else 0
+        spec = KernelSpec("tc_fwd", problem.dtype, d, bm, bn, threads, mma=mma, feat=feat)
         smem = spec.smem_bytes
         if smem > device.smem_per_block:
             continue
@@ -244,9 +270,15 @@ def _plan_tc(device: DeviceInfo, problem: Problem, mma: int):
         return None, f"no tensor-core tile for head dim {d} fits {lim}"
     spec, smem, ctas = best
     ratio = tc_mma_per_ldsm(spec.block_m, spec.block_n, spec.threads, d, mma)
-    return best, (f"{spec.block_m}x{spec.block_n} tile: best of {ratio:.2f} MMAs per ldmatrix "
-                  f"x {ctas} CTA(s) of {spec.threads // 32} warps resident "
-                  f"(target {TARGET_WARPS_PER_SM} warps) in {lim}")
+    why = (f"{spec.block_m}x{spec.block_n} tile: best of {ratio:.2f} MMAs per ldmatrix "
+           f"x {ctas} CTA(s) of {spec.threads // 32} warps resident "
+           f"(target {TARGET_WARPS_PER_SM} warps) in {lim}")
+    min_ctas = tc_min_ctas(spec, ctas)
+    if min_ctas > 1:
+        spec = dataclasses.replace(spec, min_ctas=min_ctas)
+        cap = device.facts.regs_per_sm // (min_ctas * spec.threads) // 8 * 8
+        why += f"; ptxas asked for {min_ctas} CTAs per SM (registers capped at {cap})"
+    return (spec, smem, ctas), why
 
 
 # Volta tiles (block_m, block_n, threads), best first. m8n8k4 gives each warp 32 query rows
@@ -384,6 +416,7 @@ def all_specs_for(device: DeviceInfo):
     specs = {}
     for dtype in DTYPES:
         for d in range(32, MAX_HEAD_DIM + 1, 32):
-            plan = select_plan(device, Problem(dtype=dtype, head_dim=d))
-            specs[plan.spec] = plan
+            for alibi in (False, True):
+                plan = select_plan(device, Problem(dtype=dtype, head_dim=d, alibi=alibi))
+                specs[plan.spec] = plan
     return specs

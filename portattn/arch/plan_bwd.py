@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..spec import DTYPES, MAX_HEAD_DIM, KernelSpec, head_dim_bucket
+from ..spec import DTYPES, FEAT_MODS, MAX_HEAD_DIM, KernelSpec, head_dim_bucket
 from .device import DeviceInfo
 from .plan import PATH_NAMES, TARGET_WARPS_PER_SM, Problem, ctas_per_sm, validate_problem
 from .table import MMA_M8N8K4, MMA_M16N8K8, MMA_M16N8K16
@@ -166,7 +166,8 @@ def _plan_tc_bwd(device: DeviceInfo, problem: Problem, mma: int):
         if (not tc_bwd_tile_ok(bm, bn, threads, d) or tc_bwd_est_regs(bm, d) > budget
                 or (d, bm, bn, threads) in TC_BWD_SPILLED):
             continue
-        spec = KernelSpec("tc_bwd", problem.dtype, d, bm, bn, threads, mma=mma)
+        spec = KernelSpec("tc_bwd", problem.dtype, d, bm, bn, threads, mma=mma,
+                          feat=FEAT_MODS if problem.score_mods else 0)
         smem = spec.smem_bytes
         if smem > device.smem_per_block:
             continue
@@ -240,7 +241,8 @@ def all_bwd_specs_for(device: DeviceInfo):
     specs = {}
     for dtype in DTYPES:
         for d in range(32, MAX_HEAD_DIM + 1, 32):
-            plan = select_bwd_plan(device, Problem(dtype=dtype, head_dim=d))
-            for spec in plan.specs.values():
-                specs.setdefault(spec, plan)
+            for alibi in (False, True):
+                plan = select_bwd_plan(device, Problem(dtype=dtype, head_dim=d, alibi=alibi))
+                for spec in plan.specs.values():
+                    specs.setdefault(spec, plan)
     return specs

@@ -226,6 +226,19 @@ struct ScoreMods {
     return i < sq && j < sk && (win_left < 0 || j >= i + diag_off - win_left) &&
            (win_right < 0 || j <= i + diag_off + win_right);
   }
+  // The keys query i sees as one range [lo, hi) (empty past sq): visible(i, j) is
+  // lo <= j < hi, which lets a masked tile test two integers per score. query_range is
+  // the same set seen from key j: the queries i with visible(i, j).
+  __device__ __forceinline__ void key_range(int i, int& lo, int& hi) const {
+    lo = win_left >= 0 ? i + diag_off - win_left : 0;
+    hi = win_right >= 0 ? min(sk, i + diag_off + win_right + 1) : sk;
+    if (i >= sq) hi = lo;
+  }
+  __device__ __forceinline__ void query_range(int j, int& lo, int& hi) const {
+    lo = win_right >= 0 ? j - diag_off - win_right : 0;
+    hi = win_left >= 0 ? min(sq, j - diag_off + win_left + 1) : sq;
+    if (j >= sk) hi = lo;
+  }
   __device__ __forceinline__ float apply(float s, int i, int j) const {
     if (!visible(i, j)) return neg_inf();
     if (softcap_log2 > 0.f) s = softcap_log2 * tanhf(s / softcap_log2);

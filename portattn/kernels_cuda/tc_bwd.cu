@@ -34,7 +34,9 @@
 
 namespace portattn {
 
-template <class T, int D, int BM, int BN, int NT, int ARCH>
+// FEAT bit 0 (spec.FEAT_MODS) compiles in the score modifiers (softcap, ALiBi, bias);
+// without it the host guarantees none are present.
+template <class T, int D, int BM, int BN, int NT, int ARCH, int FEAT>
 __global__ void __launch_bounds__(NT, 1) tc_bwd_kernel(PORTATTN_BWD_PARAMS(T)) {
   if constexpr (BM == 0) {
     // Row stages (a BM = 0 spec, a few registers, so many warps per SM hide the memory
@@ -182,12 +184,24 @@ __global__ void __launch_bounds__(NT, 1) tc_bwd_kernel(PORTATTN_BWD_PARAMS(T)) {
           ScoreMods::for_head(b, h, bias, bias_kind, bias_sb, bias_sh, bias_sq, bias_sk, alibi,
                               alibi_sb, alibi_sh, softcap_log2, win_left, win_right, diag_off,
                               span.sq, span.sk);
-      const bool has_mods = mods.any();
+      // FEAT_MODS keeps the fast interior path for calls whose modifiers are all off (a
+      // negative scale alone selects the variant too).
+      const bool has_mods = (FEAT & 1) != 0 && mods.any();
       const int last_row = min(cur_m0 + BM, span.sq) - 1;
       // Every row of the tile sees every key: no per-element mask.
       const bool interior =
           cols_valid == BN && (win_left < 0 || n0 >= last_row + diag_off - win_left) &&
           (win_right < 0 || n0 + BN - 1 <= cur_m0 + diag_off + win_right);
+      // Without modifiers a score is kept where its query lies in its key's visible range
+      // (keys g and g + 8 of this warp; offsets relative to this thread's first query):
+      // two integer compares per score on every tile, no branch.
+      int q_lo[2], q_hi[2];
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        mods.query_range(n0 + warp * 16 + g + hf * 8, q_lo[hf], q_hi[hf]);
+        q_lo[hf] -= cur_m0 + tig * 2;
+        q_hi[hf] -= cur_m0 + tig * 2;
+      }
       // With dropout, V saw Pd = P Z / (1 - p): dV takes Pd and dP is masked and scaled
       // alike (the forward's mask, a pure function of (seed, offset, b, h, i, j):
       // philox.cuh). The keep bits of this thread's QT*4 <= 32 elements are drawn first in a
@@ -215,7 +229,11 @@ __global__ void __launch_bounds__(NT, 1) tc_bwd_kernel(PORTATTN_BWD_PARAMS(T)) {
           const float lse_e = (e & 1) ? l2.y : l2.x;
           const float del_e = (e & 1) ? dl.y : dl.x;
           float p;
-          if (interior && !has_mods) {
+          if constexpr ((FEAT & 1) == 0) {
+            const int ir = t * 8 + (e & 1);
+            p = fast_exp2(fmaf(s[t][e], scale_log2, -lse_e));
+            if (ir < q_lo[e >> 1] || ir >= q_hi[e >> 1]) p = 0.f;
+          } else if (interior && !has_mods) {
             p = fast_exp2(fmaf(s[t][e], scale_log2, -lse_e));
           } else {
             const int i = cur_m0 + t * 8 + tig * 2 + (e & 1);
@@ -236,7 +254,7 @@ __global__ void __launch_bounds__(NT, 1) tc_bwd_kernel(PORTATTN_BWD_PARAMS(T)) {
             dpv = kept ? dpv * drop_scale : 0.f;
           }
           float ds = p * (dpv - del_e);
-          if (softcap_log2 > 0.f) {
+          if (has_mods && softcap_log2 > 0.f) {
             const float th = tanhf(s[t][e] * scale_log2 / softcap_log2);
             ds *= 1.f - th * th;
           }

@@ -95,11 +95,15 @@ struct TileCopy {
     const T* src = g + static_cast<long long>(row0 + r) * stride + d0;
     unsigned dst = smem_addr(smem + r * LD + d0);
     const long long step = kRowsPerPass * stride;
-#pragma unroll 1
-    for (int rr = r; rr < ROWS; rr += kRowsPerPass) {
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src));
+    // Unrolled: the rolled loop's branches stalled warps on branch resolution and
+    // instruction fetch, and the shared-memory offsets become immediates.
+#pragma unroll
+    for (int i = 0; i < (ROWS + kRowsPerPass - 1) / kRowsPerPass; ++i) {
+      if (ROWS % kRowsPerPass == 0 || r + i * kRowsPerPass < ROWS)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;"
+                     ::"r"(dst + i * kRowsPerPass * LD * static_cast<unsigned>(sizeof(T))),
+                     "l"(src));
       src += step;
-      dst += kRowsPerPass * LD * sizeof(T);
     }
     asm volatile("cp.async.commit_group;");
   }

@@ -15,8 +15,11 @@
 
 namespace portattn {
 
-template <class T, int D, int BM, int BN, int NT, int ARCH>
-__global__ void __launch_bounds__(NT, 1) tc_fwd_kernel(
+// FEAT bit 0 (spec.FEAT_MODS) compiles in the score modifiers (softcap, ALiBi, bias) and
+// negative scales; without it the host guarantees none are present.
+// MINB: resident CTAs per SM asked of ptxas (plan.tc_min_ctas).
+template <class T, int D, int BM, int BN, int NT, int ARCH, int FEAT, int MINB>
+__global__ void __launch_bounds__(NT, MINB) tc_fwd_kernel(
     PORTATTN_FWD_PARAMS(T)) {
   constexpr int NW = NT / 32;
   constexpr int MB = BM / (16 * NW);   // 16-row blocks per warp
@@ -63,8 +66,9 @@ __global__ void __launch_bounds__(NT, 1) tc_fwd_kernel(
   const CtaScores cs(tile, bias, bias_kind, bias_sb, bias_sh, bias_sq, bias_sk, alibi, alibi_sb,
                      alibi_sh, softcap_log2, win_left, win_right);
   const ScoreMods& mods = cs.mods;
-  // A negative scale reverses the max; the per-element path handles it exactly.
-  const bool has_mods = mods.any() || scale_log2 < 0.f;
+  // A negative scale reverses the max; the per-element path handles it exactly, so the
+  // host compiles it in for negative scales too.
+  constexpr bool has_mods = (FEAT & 1) != 0;
   const int n_lo = cs.n_lo, n_hi = cs.n_hi;
   const int n_first = n_lo / BN * BN;
 
@@ -157,10 +161,10 @@ __global__ void __launch_bounds__(NT, 1) tc_fwd_kernel(
     // Scores stay raw (q.k) on interior tiles, with the scale folded into exp2's FFMA;
     // tiles that need masks or modifiers move to the log2 domain element by element.
     const bool interior = cs.interior(tile, n0, BN);
-    // Without modifiers, masked tiles only need -inf where a key is hidden (a separate
-    // loop: folded into apply(), the compiler predicates every modifier per element).
+    // Without modifiers, masked tiles only need -inf outside each row's key range: two
+    // integer compares per score.
     const float sc = has_mods ? 1.f : scale_log2;
-    if (has_mods || !interior) {
+    if constexpr (has_mods) {
 #pragma unroll
       for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
@@ -169,12 +173,25 @@ __global__ void __launch_bounds__(NT, 1) tc_fwd_kernel(
           for (int e = 0; e < 4; ++e) {
             const int i = m0 + wrow0 + mb * 16 + g + (e >> 1) * 8;
             const int j = n0 + t * 8 + tig * 2 + (e & 1);
-            if (has_mods) {
-              s[mb][t][e] = mods.apply(s[mb][t][e] * scale_log2, i, j);
-            } else if (!mods.visible(i, j)) {
-              s[mb][t][e] = neg_inf();
-            }
+            s[mb][t][e] = mods.apply(s[mb][t][e] * scale_log2, i, j);
           }
+    } else if (!interior) {
+      const int row0 = m0 + wrow0 + g;
+      const int col0 = n0 + tig * 2;
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          int lo, hi;
+          mods.key_range(row0 + mb * 16 + hh * 8, lo, hi);
+          lo -= col0;   // compared with the tile-relative key offsets below
+          hi -= col0;
+#pragma unroll
+          for (int t = 0; t < NTL; ++t)
+#pragma unroll
+            for (int e = 0; e < 2; ++e)
+              if (t * 8 + e < lo || t * 8 + e >= hi) s[mb][t][2 * hh + e] = neg_inf();
+        }
     }
 
     // The running row max m_i only moves, with the O and l rescale that costs, when some
@@ -326,11 +343,18 @@ __global__ void __launch_bounds__(NT, 1) tc_fwd_kernel(
       // is dropout's 1 / (1 - p), 1 without dropout.
       const float inv = l > 0.f ? drop_scale / l : 0.f;
       T* orow = o + tile.q_at(b, o_sb, o_ss) + static_cast<long long>(i) * o_ss + h * o_sh;
+      // o is the launcher's own contiguous array, so with d even every pair is 4-byte
+      // aligned and goes out as one store.
 #pragma unroll
       for (int t = 0; t < DTL; ++t) {
         const int col = t * 8 + tig * 2;
-        if (col < d) orow[col] = from_float<T>(acc[mb][t][2 * hh] * inv);
-        if (col + 1 < d) orow[col + 1] = from_float<T>(acc[mb][t][2 * hh + 1] * inv);
+        const float lo = acc[mb][t][2 * hh] * inv, hi = acc[mb][t][2 * hh + 1] * inv;
+        if (col + 1 < d && (d & 1) == 0) {
+          *reinterpret_cast<unsigned*>(orow + col) = Pack2<T, ARCH>::run(lo, hi);
+        } else {
+          if (col < d) orow[col] = from_float<T>(lo);
+          if (col + 1 < d) orow[col + 1] = from_float<T>(hi);
+        }
       }
       if (lse != nullptr && tig == 0) {
         lse[tile.q_at(b, lse_sb, 1) + h * lse_sh + i] =
