@@ -67,8 +67,10 @@ __global__ void __launch_bounds__(NT, MINB) tc_fwd_kernel(
                      alibi_sh, softcap_log2, win_left, win_right);
   const ScoreMods& mods = cs.mods;
   // A negative scale reverses the max; the per-element path handles it exactly, so the
-  // host compiles it in for negative scales too.
-  constexpr bool has_mods = (FEAT & 1) != 0;
+  // host compiles it in for negative scales too. Inside the FEAT_MODS variant the test
+  // stays at run time, as it was before FEAT existed (a compile-time true spilled 112
+  // bytes at d128 on sm_80).
+  const bool has_mods = (FEAT & 1) != 0 && (mods.any() || scale_log2 < 0.f);
   const int n_lo = cs.n_lo, n_hi = cs.n_hi;
   const int n_first = n_lo / BN * BN;
 
@@ -164,17 +166,23 @@ __global__ void __launch_bounds__(NT, MINB) tc_fwd_kernel(
     // Without modifiers, masked tiles only need -inf outside each row's key range: two
     // integer compares per score.
     const float sc = has_mods ? 1.f : scale_log2;
-    if constexpr (has_mods) {
+    if constexpr ((FEAT & 1) != 0) {
+      if (has_mods || !interior) {
 #pragma unroll
-      for (int mb = 0; mb < MB; ++mb)
+        for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
-        for (int t = 0; t < NTL; ++t)
+          for (int t = 0; t < NTL; ++t)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int i = m0 + wrow0 + mb * 16 + g + (e >> 1) * 8;
-            const int j = n0 + t * 8 + tig * 2 + (e & 1);
-            s[mb][t][e] = mods.apply(s[mb][t][e] * scale_log2, i, j);
-          }
+            for (int e = 0; e < 4; ++e) {
+              const int i = m0 + wrow0 + mb * 16 + g + (e >> 1) * 8;
+              const int j = n0 + t * 8 + tig * 2 + (e & 1);
+              if (has_mods) {
+                s[mb][t][e] = mods.apply(s[mb][t][e] * scale_log2, i, j);
+              } else if (!mods.visible(i, j)) {
+                s[mb][t][e] = neg_inf();
+              }
+            }
+      }
     } else if (!interior) {
       const int row0 = m0 + wrow0 + g;
       const int col0 = n0 + tig * 2;
