@@ -191,8 +191,10 @@ TC_TILES = (
 # est + 30..90. Per MMA policy: sm80 compiles est 224 (d128 128x64) to 255 registers
 # with no spills once the copies stopped pinning 64-bit addresses (tc_common.cuh), and
 # that tile measured 15% faster than 128x32 on an H100 (300 vs 261 TFLOP/s). Turing's
-# staging, split MMAs and register-held Q cost more: est 160 spilled on sm_75, 152 not.
-TC_MAX_EST_REGS = {80: 224, 75: 152}
+# staging, split MMAs and register-held Q cost more: est 160 spilled on sm_75 until the
+# score modifiers became a compile-time feature; since then d128 128x64 with 8 warps
+# (est 160) compiles to 248 registers (244 with FEAT_MODS) with no spills on sm_75.
+TC_MAX_EST_REGS = {80: 224, 75: 160}
 
 
 def tc_rows_per_warp(bm: int, threads: int) -> int:
