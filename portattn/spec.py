@@ -17,7 +17,8 @@ HEAD_DIM_GRANULE = 32
 HEAD_DIM_BUCKETS = tuple(range(HEAD_DIM_GRANULE, MAX_HEAD_DIM + 1, HEAD_DIM_GRANULE))
 
 
-# KernelSpec.feat bits (tc_fwd.cu's FEAT): softcap, ALiBi, bias or a negative softmax scale.
+# KernelSpec.feat bits (tc_fwd.cu's and tc_bwd.cu's FEAT): softcap, ALiBi, bias or a negative
+# softmax scale.
 FEAT_MODS = 1
 
 

@@ -23,6 +23,7 @@ from portattn.arch.plan_bwd import all_bwd_specs_for  # noqa: E402
 from portattn.arch.plan_decode import all_decode_specs_for  # noqa: E402
 from portattn.arch.plan import ctas_per_sm  # noqa: E402
 from portattn.compile import compile_cubin  # noqa: E402
+from portattn.spec import FEAT_MODS  # noqa: E402
 
 _ENTRY = re.compile(r"Compiling entry function '([^']+)' for 'sm_(\d+)'")
 _PROPS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -44,14 +45,17 @@ class GateRow:
 
     def line(self) -> str:
         s = self.spec
+        var = "+".join(["mods"] * bool(s.feat & FEAT_MODS) +
+                       [f"min{s.min_ctas}"] * (s.min_ctas > 1)) or "-"
         return (f"sm_{self.cc:<3} {s.family:9} {s.dtype:9} d{s.head_dim:<4} "
-                f"{s.block_m:>3}x{s.block_n:<3} {s.threads:>4} {self.regs:>5} "
+                f"{s.block_m:>3}x{s.block_n:<3} {var:9} {s.threads:>4} {self.regs:>5} "
                 f"{(self.static_smem + self.dynamic_smem) / 1024:>7.1f} "
                 f"{self.spill_stores:>5}/{self.spill_loads:<5} {self.stack:>5} {self.ctas_per_sm:>6}"
                 + ("  " + "; ".join(self.problems) if self.problems else ""))
 
 
-HEADER = (f"{'arch':6} {'family':9} {'dtype':9} {'hdim':5} {'tile':7} {'thr':>4} {'regs':>5} "
+HEADER = (f"{'arch':6} {'family':9} {'dtype':9} {'hdim':5} {'tile':7} {'variant':9} {'thr':>4} "
+          f"{'regs':>5} "
           f"{'smem KB':>7} {'spill st/ld':>11} {'stack':>5} {'CTA/SM':>6}")
 
 
