@@ -677,15 +677,19 @@ def test_volta_fp16_runs_m8n8k4_with_resident_warps(cc):
 @pytest.mark.parametrize("d", [32, 64, 96, 128])
 def test_tc_bwd_tile_fits_shape_rules_registers_and_smem(cc, d):
     from portattn.arch import select_bwd_plan
-    from portattn.arch.plan_bwd import (TC_BWD_MAX_EST_REGS, TC_BWD_SPILLED, tc_bwd_est_regs,
-                                        tc_bwd_tile_ok)
+    from portattn.arch.plan_bwd import (TC_BWD_MAX_EST_REGS, TC_BWD_MAX_EST_REGS_PLAIN,
+                                        TC_BWD_SPILLED, tc_bwd_est_regs, tc_bwd_tile_ok)
     dev = device_from_arch(cc)
     plan = select_bwd_plan(dev, Problem(dtype="float16", head_dim=d))
     s = plan.spec("dkdv")
     mma = 80 if cc >= 80 else 75
     assert (plan.path, s.family, s.mma) == (f"sm{mma}", "tc_bwd", mma)
     assert tc_bwd_tile_ok(s.block_m, s.block_n, s.threads, d)
-    assert tc_bwd_est_regs(s.block_m, d) <= TC_BWD_MAX_EST_REGS[mma]
+    assert tc_bwd_est_regs(s.block_m, d) <= TC_BWD_MAX_EST_REGS_PLAIN[mma]
+    # With score modifiers the tighter budget applies (their builds spill sooner on sm_75).
+    mods = select_bwd_plan(dev, Problem(dtype="float16", head_dim=d, alibi=True)).spec("dkdv")
+    assert mods.feat == FEAT_MODS and tc_bwd_est_regs(mods.block_m, d) <= TC_BWD_MAX_EST_REGS[mma]
+    assert mods.block_m <= s.block_m
     assert (d, s.block_m, s.block_n, s.threads) not in TC_BWD_SPILLED
     assert s.smem_bytes <= dev.smem_per_block and "warps of 16 keys" in plan.reason
     rows = plan.spec("pre")

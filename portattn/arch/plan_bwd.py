@@ -124,6 +124,13 @@ TC_BWD_TILES = (
 # than a thread has registers (d256: 256 for dK + dV alone), so they stay on SIMT until a
 # kernel splits the head dim across warps.
 TC_BWD_MAX_EST_REGS = {80: 192, 75: 144}
+# Without score modifiers (FEAT 0) sm_75 fits est 160: d128 32x64 and d96 64x64 compile to
+# 255 and 246 registers with no spills (their FEAT_MODS builds spill 32-76 bytes).
+TC_BWD_MAX_EST_REGS_PLAIN = {80: 192, 75: 160}
+
+
+def tc_bwd_budget(mma: int, score_mods: bool) -> int:
+    return (TC_BWD_MAX_EST_REGS if score_mods else TC_BWD_MAX_EST_REGS_PLAIN)[mma]
 # d160 (32x64, est 192) spilled 52-72 bytes on sm_80/86 with one 16-key block per warp.
 TC_BWD_MAX_HEAD_DIM = 128
 # (head dim, block_m, block_n, threads) within the estimate that ptxas still spilled
@@ -158,7 +165,7 @@ def tc_bwd_tile_ok(bm: int, bn: int, threads: int, d: int) -> bool:
 def _plan_tc_bwd(device: DeviceInfo, problem: Problem, mma: int):
     d = head_dim_bucket(problem.head_dim)
     lim = f"{device.smem_per_block // 1024} KB/block, {device.smem_per_sm // 1024} KB/SM"
-    budget = TC_BWD_MAX_EST_REGS[mma]
+    budget = tc_bwd_budget(mma, problem.score_mods)
     if d > TC_BWD_MAX_HEAD_DIM or tc_bwd_est_regs(16, d) > budget:
         return None, (f"head dim {d}: dK + dV of 16 keys x d per warp need ~{d} fp32 "
                       f"registers per thread before S and dP (budget {budget})")
