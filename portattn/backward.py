@@ -84,7 +84,8 @@ def _launch_bwd(p: _Prepared, plan: BwdPlan, dout: _arrays.ArrayView, out: _arra
     rows = batch * hq * sq
     lse2 = _arrays.empty(p.q, (max(rows, 1),), "float32")
     delta = _arrays.empty(p.q, (max(rows, 1),), "float32")
-    acc = None if deterministic else _arrays.zeros(p.q, (batch, sq, hq, d), "float32")
+    # The atomic dQ's accumulator; the pre stage zeroes it row by row.
+    acc = None if deterministic else _arrays.empty(p.q, (batch, sq, hq, d), "float32")
 
     i64, i32, u64 = np.int64, np.int32, np.uint64
     alibi_ptr, alibi_sb, alibi_sh = 0, 0, 0
@@ -128,9 +129,9 @@ def _launch_bwd(p: _Prepared, plan: BwdPlan, dout: _arrays.ArrayView, out: _arra
     main = plan.spec("dkdv")
     with cupy.cuda.Device(dev), _arrays.stream_for(p.q):
         if rows:
-            pre = plan.spec("pre")   # one warp per query row
-            get_function(pre, dev)((-(-rows // (pre.threads // 32)),), (pre.threads,),
-                                   args("pre", None))
+            pre = plan.spec("pre")   # pre_lanes(d) lanes per query row
+            per_cta = pre.threads // 32 * (32 // pre_lanes(d))
+            get_function(pre, dev)((-(-rows // per_cta),), (pre.threads,), args("pre", acc))
         if nseq * hkv * max_k:
             grid = -(-max_k // main.block_n) * nseq * hkv
             get_function(main, dev)((grid,), (main.threads,), args("dkdv", acc),
@@ -142,11 +143,17 @@ def _launch_bwd(p: _Prepared, plan: BwdPlan, dout: _arrays.ArrayView, out: _arra
                                    shared_mem=dqs.smem_bytes)
         elif rows:
             cvt = plan.spec("cvt")   # grid-stride loop over dq's elements
-            grid = min(-(-(rows * d) // cvt.threads), 1 << 20)
+            grid = min(-(-(rows * d) // (4 * cvt.threads)), 1 << 20)   # 4 per thread
             get_function(cvt, dev)((grid,), (cvt.threads,), args("cvt", acc))
     if packed:
         return dq[0], dk[0], dv[0]
     return dq, dk, dv
+
+
+def pre_lanes(d: int) -> int:
+    """Lanes per query row in the pre stage: d / 8 rounded up to a power of two, 4..32
+    (common.cuh's pre_lanes, which the kernel uses)."""
+    return 4 if d <= 32 else 8 if d <= 64 else 16 if d <= 128 else 32
 
 
 _FUNCTION = None

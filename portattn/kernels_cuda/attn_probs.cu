@@ -13,7 +13,7 @@ template <class T, int D, int BM, int BN, int NT, int LAST>
 __global__ void __launch_bounds__(NT) attn_probs_kernel(PORTATTN_FWD_PARAMS(T),
                                                          float* __restrict__ probs) {
   __shared__ float Qs[BM][D];
-  const CtaTile t(BM, hq, group, sq, sk, cu_q, cu_k, align_br);
+  const CtaTile t(BM, hq, group, sq, sk, cu_q, cu_k, align_br, win_right);
   if (t.rows_valid <= 0) return;
   const CtaScores cs(t, bias, bias_kind, bias_sb, bias_sh, bias_sq, bias_sk, alibi, alibi_sb,
                      alibi_sh, softcap_log2, win_left, win_right);

@@ -288,20 +288,49 @@ struct SeqSpan {
   }
 };
 
-// The query tile, batch and head a CTA computes. Query tiles of one (batch, head) are
-// adjacent in launch order so its K/V stay in L2; the last (for causal, heaviest) goes first.
-// The grid covers the longest sequence (sq_max); in a varlen batch a CTA whose tile starts
-// past its own sequence's end gets rows_valid <= 0 and must return before any barrier.
+// Launch order of a grid of num_tiles tiles per (batch, head) pair, for CtaTile and
+// KeyTile. Tiles of one pair stay adjacent (its K/V stay in L2) unless their work differs
+// (causal, or a window's right edge): then the grid runs in chunks of pairs with the
+// heaviest tile rank first across the chunk, so the last CTAs to start are the shortest.
+// Pair after pair, a pair's heaviest tile can start near the end of the grid and run
+// alone: on the H100, chunks made causal d128 L2048 17% faster (forward) and the causal
+// backward 3-9% (benchmarks/NOTES.md, sixth session). A chunk spans about kLptCtas CTAs,
+// enough to keep the tail short while the chunk's K/V still fit in L2. Turing's backward
+// tiles (64 keys, 4 warps) re-read Q and dO twice as often per key and lost 3-7% to
+// 512-CTA chunks; 128-CTA chunks gained 1-2% there (kLptCtasTuringBwd).
+// Chunks hold 2^c pairs, 2^c the largest power of two dividing the pair count (every chunk
+// whole) up to kLptCtas / num_tiles; c = 0 is the pair-after-pair order. Rank 0 is the
+// heaviest tile.
+constexpr unsigned kLptCtas = 512, kLptCtasTuringBwd = 128;
+__device__ __forceinline__ unsigned tile_shift(unsigned n, bool uneven, unsigned target) {
+  return uneven ? min(__ffs(gridDim.x / n) - 1, 31 - __clz(max(1u, target / n))) : 0u;
+}
+__device__ __forceinline__ int tile_rank(int num_tiles, bool uneven,
+                                         unsigned target = kLptCtas) {
+  const unsigned n = static_cast<unsigned>(num_tiles);
+  return static_cast<int>((blockIdx.x >> tile_shift(n, uneven, target)) % n);
+}
+__device__ __forceinline__ int tile_pair(int num_tiles, bool uneven,
+                                         unsigned target = kLptCtas) {
+  const unsigned n = static_cast<unsigned>(num_tiles), c = tile_shift(n, uneven, target);
+  return static_cast<int>((((blockIdx.x >> c) / n) << c) | (blockIdx.x & ((1u << c) - 1u)));
+}
+
+// The query tile, batch and head a CTA computes (rank 0: the last tile, for causal the
+// heaviest). The grid covers the longest sequence (sq_max); in a varlen batch a CTA whose
+// tile starts past its own sequence's end gets rows_valid <= 0 and must return before any
+// barrier.
 struct CtaTile : SeqSpan {
   int b, h, hk, m0, rows_valid, last_row;
 
   __device__ __forceinline__ CtaTile(int bm, int hq, int group, int sq_max, int sk_max,
-                                     const int* cu_q, const int* cu_k, int align_br)
-      : SeqSpan(static_cast<int>(blockIdx.x / ((sq_max + bm - 1) / bm)) / hq, sq_max, sk_max,
-                cu_q, cu_k, align_br) {
+                                     const int* cu_q, const int* cu_k, int align_br,
+                                     int win_right)
+      : SeqSpan(tile_pair((sq_max + bm - 1) / bm, win_right >= 0) / hq, sq_max, sk_max, cu_q,
+                cu_k, align_br) {
     const int num_mb = (sq_max + bm - 1) / bm;
-    const int mb = num_mb - 1 - static_cast<int>(blockIdx.x % num_mb);
-    const int bh = static_cast<int>(blockIdx.x / num_mb);
+    const int mb = num_mb - 1 - tile_rank(num_mb, win_right >= 0);
+    const int bh = tile_pair(num_mb, win_right >= 0);
     b = bh / hq;
     h = bh % hq;
     hk = h / group;
@@ -311,24 +340,24 @@ struct CtaTile : SeqSpan {
   }
 };
 
-// The key tile, batch and KV head a backward dK/dV CTA computes, and the query rows
-// [m_lo, m_hi) that see any of its keys (the window read backwards). Key tiles of one
-// (batch, KV head) are adjacent in launch order. The grid covers the longest sequence
-// (sk_max); cols_valid <= 0 means the tile starts past this sequence's end, and the CTA
-// must return before any barrier.
+// The key tile, batch and KV head a backward dK/dV CTA computes (rank 0: key tile 0, for
+// causal the heaviest), and the query rows [m_lo, m_hi) that see any of
+// its keys (the window read backwards). The grid covers the longest sequence (sk_max);
+// cols_valid <= 0 means the tile starts past this sequence's end, and the CTA must return
+// before any barrier.
 struct KeyTile : SeqSpan {
   int b, hk, n0, cols_valid, m_lo, m_hi;
 
   __device__ __forceinline__ KeyTile(int bn, int hq, int group, int sq_max, int sk_max,
                                      const int* cu_q, const int* cu_k, int align_br,
-                                     int win_left, int win_right)
-      : SeqSpan(static_cast<int>(blockIdx.x / ((sk_max + bn - 1) / bn)) / (hq / group),
-                sq_max, sk_max, cu_q, cu_k, align_br) {
+                                     int win_left, int win_right, unsigned lpt = kLptCtas)
+      : SeqSpan(tile_pair((sk_max + bn - 1) / bn, win_right >= 0, lpt) / (hq / group), sq_max,
+                sk_max, cu_q, cu_k, align_br) {
     const int num_nb = (sk_max + bn - 1) / bn;
-    const int bh = static_cast<int>(blockIdx.x / num_nb);
+    const int bh = tile_pair(num_nb, win_right >= 0, lpt);
     b = bh / (hq / group);
     hk = bh % (hq / group);
-    n0 = static_cast<int>(blockIdx.x % num_nb) * bn;
+    n0 = tile_rank(num_nb, win_right >= 0, lpt) * bn;
     cols_valid = min(bn, sk - n0);
     m_lo = win_right >= 0 ? max(0, n0 - diag_off - win_right) : 0;
     m_hi = win_left >= 0 ? min(sq, n0 + cols_valid - 1 - diag_off + win_left + 1) : sq;
@@ -363,33 +392,64 @@ struct CtaScores {
 
 // The backward's row stages, the same in every backward family (backward.BWD_STAGES):
 //   0 pre  delta = rowsum(dO * O) and lse in the log2 domain (+inf where the row saw no
-//          key, so exp2(s - lse2) is exactly 0, never NaN); one warp per (batch, head,
-//          query row), lanes over the head dim (d <= 256 = 32 x 8). A varlen batch runs it
-//          as one sequence of all its tokens, which gives the (head, token) layout the
-//          tile stages read through SeqSpan.
+//          key, so exp2(s - lse2) is exactly 0, never NaN); pre_lanes(d) lanes per
+//          (batch, head, query row), 8 head-dim elements each, 32 / pre_lanes(d) rows per
+//          warp. With atomic dQ it also zeroes the row's dq_accum (no separate fill). A
+//          varlen batch runs it as one sequence of all its tokens, which gives the (head,
+//          token) layout the tile stages read through SeqSpan.
 //   3 cvt  dq = dq_accum * softmax_scale in the input type (both (batch, seqlen, heads, d)
-//          contiguous), a grid-stride loop.
+//          contiguous), a grid-stride loop, four elements per step where both are aligned.
+// A warp per row at d64 left 24 of 32 lanes idle, and one element per step made cvt
+// instruction-bound: together 2.1x FlashAttention-2's two kernels on the H100 at d64.
+// d / 8 rounded up to a power of two, 4..32; backward.pre_lanes is the same rule.
+__device__ __forceinline__ int pre_lanes(int d) {
+  return d <= 32 ? 4 : d <= 64 ? 8 : d <= 128 ? 16 : 32;
+}
+template <class T>
+struct alignas(4 * sizeof(T)) Vec4 {
+  T v[4];
+};
 template <class T, int NT>
 __device__ __forceinline__ void bwd_row_stage(PORTATTN_BWD_PARAMS(T)) {
   if (stage == 0) {
-    const long long row = static_cast<long long>(blockIdx.x) * (NT / 32) + (threadIdx.x >> 5);
-    const int lane = threadIdx.x & 31;
-    if (row >= static_cast<long long>(batch) * hq * sq) return;
+    const int L = pre_lanes(d);
+    const int lane = threadIdx.x & 31, sub = lane & (L - 1);
+    const long long row =
+        (static_cast<long long>(blockIdx.x) * (NT / 32) + (threadIdx.x >> 5)) * (32 / L) +
+        lane / L;
+    // Every lane takes part in the shuffles below; lanes past the last row load nothing.
+    const bool valid = row < static_cast<long long>(batch) * hq * sq;
     const int i = static_cast<int>(row % sq);
     const int h = static_cast<int>((row / sq) % hq);
     const int b = static_cast<int>(row / (static_cast<long long>(sq) * hq));
-    const T* orow = o + b * o_sb + static_cast<long long>(i) * o_ss + h * o_sh;
-    const T* drow = dout + b * do_sb + static_cast<long long>(i) * do_ss + h * do_sh;
     float acc = 0.f;
-    for (int d0 = lane * 8; d0 < d; d0 += 256) {
-      float a[8], g[8];
-      load8(a, orow + d0, d - d0, vec_flags & 8);
-      load8(g, drow + d0, d - d0, vec_flags & 16);
+    if (valid) {
+      const T* orow = o + b * o_sb + static_cast<long long>(i) * o_ss + h * o_sh;
+      const T* drow = dout + b * do_sb + static_cast<long long>(i) * do_ss + h * do_sh;
+      for (int d0 = sub * 8; d0 < d; d0 += L * 8) {
+        float a[8], g[8];
+        load8(a, orow + d0, d - d0, vec_flags & 8);
+        load8(g, drow + d0, d - d0, vec_flags & 16);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) acc = fmaf(a[e], g[e], acc);
+        for (int e = 0; e < 8; ++e) acc = fmaf(a[e], g[e], acc);
+      }
     }
-    acc = group_sum<32>(acc);
-    if (lane == 0) {
+    for (int off = L / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if (valid && dq_accum != nullptr) {
+      // dq_accum is (batch, seqlen, heads, d) contiguous, 256-byte aligned (backward.py).
+      float* zrow = dq_accum + ((static_cast<long long>(b) * sq + i) * hq + h) * d;
+      for (int c = sub * 8; c < d; c += L * 8) {
+        if ((d & 3) == 0) {
+          *reinterpret_cast<float4*>(zrow + c) = make_float4(0.f, 0.f, 0.f, 0.f);
+          if (c + 4 < d) *reinterpret_cast<float4*>(zrow + c + 4) = make_float4(0.f, 0.f, 0.f, 0.f);
+        } else {
+#pragma unroll
+          for (int e = 0; e < 8; ++e)
+            if (c + e < d) zrow[c + e] = 0.f;
+        }
+      }
+    }
+    if (valid && sub == 0) {
       const long long st = b * st_sb + h * st_sh + i;
       delta[st] = acc;
       const float l = lse[b * lse_sb + h * lse_sh + static_cast<long long>(i) * lse_ss];
@@ -397,10 +457,22 @@ __device__ __forceinline__ void bwd_row_stage(PORTATTN_BWD_PARAMS(T)) {
     }
   } else if (stage == 3) {
     const long long n = static_cast<long long>(batch) * sq * hq * d;
-    for (long long idx = static_cast<long long>(blockIdx.x) * NT + threadIdx.x; idx < n;
-         idx += static_cast<long long>(gridDim.x) * NT) {
-      dq[idx] = from_float<T>(dq_accum[idx] * dq_scale);
+    const long long step = static_cast<long long>(gridDim.x) * NT;
+    const long long first = static_cast<long long>(blockIdx.x) * NT + threadIdx.x;
+    const bool v4 = ((reinterpret_cast<unsigned long long>(dq_accum) & 15) |
+                     (reinterpret_cast<unsigned long long>(dq) & (4 * sizeof(T) - 1))) == 0;
+    const long long n4 = v4 ? n / 4 : 0;
+    for (long long idx = first; idx < n4; idx += step) {
+      const float4 x = reinterpret_cast<const float4*>(dq_accum)[idx];
+      Vec4<T> y;
+      y.v[0] = from_float<T>(x.x * dq_scale);
+      y.v[1] = from_float<T>(x.y * dq_scale);
+      y.v[2] = from_float<T>(x.z * dq_scale);
+      y.v[3] = from_float<T>(x.w * dq_scale);
+      reinterpret_cast<Vec4<T>*>(dq)[idx] = y;
     }
+    for (long long idx = 4 * n4 + first; idx < n; idx += step)
+      dq[idx] = from_float<T>(dq_accum[idx] * dq_scale);
   }
 }
 

@@ -296,7 +296,7 @@ __global__ void __launch_bounds__(NT, 1) simt_bwd_kernel(PORTATTN_BWD_PARAMS(T))
         }
       }
     } else {
-      const CtaTile t(BM, hq, group, sq, sk, cu_q, cu_k, align_br);
+      const CtaTile t(BM, hq, group, sq, sk, cu_q, cu_k, align_br, win_right);
       if (t.rows_valid <= 0) return;
       const CtaScores cs(t, bias, bias_kind, bias_sb, bias_sh, bias_sq, bias_sk, alibi,
                          alibi_sb, alibi_sh, softcap_log2, win_left, win_right);

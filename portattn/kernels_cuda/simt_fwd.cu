@@ -77,7 +77,7 @@ __global__ void __launch_bounds__(NT, 1) simt_fwd_kernel(
 
   const int tid = threadIdx.x;
   const int tx = tid % TX, ty = tid / TX;
-  const CtaTile t(BM, hq, group, sq, sk, cu_q, cu_k, align_br);
+  const CtaTile t(BM, hq, group, sq, sk, cu_q, cu_k, align_br, win_right);
   if (t.rows_valid <= 0) return;
   const int b = t.b, h = t.h, hk = t.hk, m0 = t.m0, rows_valid = t.rows_valid;
   const CtaScores cs(t, bias, bias_kind, bias_sb, bias_sh, bias_sq, bias_sk, alibi, alibi_sb,

@@ -88,7 +88,7 @@ __global__ void __launch_bounds__(NT, 1) tc70_fwd_kernel(
 #pragma unroll
   for (int e = 0; e < 2; ++e) crow[e] = wrow0 + qp * 8 + (((t & 1) + 2 * e + 4 * hi) ^ flip);
 
-  const CtaTile tile(BM, hq, group, sq, sk, cu_q, cu_k, align_br);
+  const CtaTile tile(BM, hq, group, sq, sk, cu_q, cu_k, align_br, win_right);
   if (tile.rows_valid <= 0) return;
   const int b = tile.b, h = tile.h, hk = tile.hk, m0 = tile.m0;
   const CtaScores cs(tile, bias, bias_kind, bias_sb, bias_sh, bias_sq, bias_sk, alibi,

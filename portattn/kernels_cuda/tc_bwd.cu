@@ -49,9 +49,17 @@ __global__ void __launch_bounds__(NT, 1) tc_bwd_kernel(PORTATTN_BWD_PARAMS(T)) {
     constexpr int LD = D + 8, LS = BM + 8;
     constexpr bool kAsync = ARCH >= 80;
     constexpr int NBUF = kAsync ? 2 : 1;
-    // dQ = dS K: QB blocks of 16 query rows, WQ warps per block, each DW head-dim columns,
-    // in chunks of CW columns (bounds the live accumulators next to dK and dV).
-    constexpr int QB = BM / 16, WQ = NW / QB, DW = D / WQ;
+    // dQ = dS K: QB blocks of MQ query rows, WQ warps per block, each DW head-dim columns,
+    // in chunks of CW columns (bounds the live accumulators next to dK and dV). Blocks of
+    // 32 rows where that leaves each warp 32 columns: per 16 keys, 2 dS^T and 2 K loads
+    // feed 8 MMAs, where 16 rows x 64 columns (two chunks) took 2 + 4. Not on Turing: the
+    // 16 more live accumulators spilled its d128 tile.
+    constexpr int WQ32 = BM % 32 == 0 && NW % (BM / 32) == 0 ? NW / (BM / 32) : 0;
+    constexpr int MQ = ARCH >= 80 && WQ32 > 0 && D % WQ32 == 0 && (D / WQ32) % 32 == 0 &&
+                               D * (BM / 16) / NW >= 64
+                           ? 32
+                           : 16;
+    constexpr int QB = BM / MQ, WQ = NW / QB, DW = D / WQ;
     constexpr int CW = DW % 32 == 0 ? 32 : 16;
     static_assert(BN == 16 * NW && BM % 16 == 0 && D % 32 == 0, "tile shape");
     static_assert(WQ * QB == NW && DW * WQ == D && DW % CW == 0 && CW % 16 == 0, "dQ split");
@@ -64,6 +72,10 @@ __global__ void __launch_bounds__(NT, 1) tc_bwd_kernel(PORTATTN_BWD_PARAMS(T)) {
     // results (its k16 step is two MMAs) to spill at 255 registers (d64 64x64, d128 32x64);
     // rolled, it fits. Ampere+ unrolls it fully with no spills.
     constexpr int kUnroll = ARCH >= 80 ? D / 16 : 1;
+    // d <= 64 on Ampere+: this warp's K and V A fragments (2 x D/16 x 4 registers) stay in
+    // registers for the whole kernel instead of being re-read from shared memory for every
+    // query tile (shared-memory bandwidth is what bounds this kernel).
+    constexpr bool kKVRegs = ARCH >= 80 && D <= 64;
 
     if (stage != 1) return;  // a tile spec runs only the dK/dV (+ atomic dQ) stage
 
@@ -76,7 +88,8 @@ __global__ void __launch_bounds__(NT, 1) tc_bwd_kernel(PORTATTN_BWD_PARAMS(T)) {
     float* lse2s = reinterpret_cast<float*>(dSt + BN * LS);
     float* deltas = lse2s + NBUF * BM;
 
-    const KeyTile kt(BN, hq, group, sq, sk, cu_q, cu_k, align_br, win_left, win_right);
+    const KeyTile kt(BN, hq, group, sq, sk, cu_q, cu_k, align_br, win_left, win_right,
+                     ARCH >= 80 ? kLptCtas : kLptCtasTuringBwd);
     if (kt.cols_valid <= 0) return;
     const SeqSpan& span = kt;
     const int b = kt.b, hk = kt.hk, n0 = kt.n0, cols_valid = kt.cols_valid;
@@ -86,13 +99,24 @@ __global__ void __launch_bounds__(NT, 1) tc_bwd_kernel(PORTATTN_BWD_PARAMS(T)) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, tig = lane & 3;
     const int tid = threadIdx.x;
-    // ldmatrix lane bases. A pattern (this warp's 16 K/V rows as the A operand): lane l
-    // addresses row l%16, column half l/16. B pattern (Q, dO and K as B operands, dS^T as
-    // dQ's A operand through .trans): row l%8 + 8*(l/16), column half (l/8)%2.
-    const unsigned k_a = smem_addr(Ks + (warp * 16 + (lane & 15)) * LD + (lane >> 4) * 8);
+    // ldmatrix lane bases. A pattern: lane l addresses row l%16, column half l/16; B
+    // pattern: row l%8 + 8*(l/16), column half (l/8)%2. This warp's 16 K/V rows as the A
+    // operand and Q, dO as B operands (non-transposed) take them as named. dS^T as dQ's A
+    // operand (.trans) takes the B pattern. On Ampere+ the transposed B operands (dO and Q
+    // for dV and dK, K for dQ) take the A pattern: it returns an n8 tile's two k8 halves in
+    // registers 0,1 and 2,3, the pairs m16n8k16 reads (with the B pattern they came as 0,2
+    // and 1,3, and ptxas spent two moves per MMA pairing them: 18% of the d64 kernel's
+    // instructions). Turing's m16n8k8 takes one register per k8 half, so it keeps the B
+    // pattern and no extra base registers (the A pattern spilled its d128 tile).
+    constexpr bool kTPairs = ARCH >= 80;
+    constexpr int kT1 = kTPairs ? 1 : 2, kT2 = kTPairs ? 2 : 1;
+    const int arow = lane & 15, acol = (lane >> 4) * 8;
     const int brow = (lane >> 4) * 8 + (lane & 7), bcol = ((lane >> 3) & 1) * 8;
+    const int trow = kTPairs ? arow : brow, tcol = kTPairs ? acol : bcol;
+    const unsigned k_a = smem_addr(Ks + (warp * 16 + arow) * LD + acol);
     const unsigned q_b = smem_addr(Qs + brow * LD + bcol);
-    const unsigned k_b = smem_addr(Ks + brow * LD + bcol);
+    const unsigned q_t = smem_addr(Qs + trow * LD + tcol);
+    const unsigned k_t = smem_addr(Ks + trow * LD + tcol);
     const unsigned ds_b = smem_addr(dSt + brow * LS + bcol);
     constexpr unsigned kVOff = BN * LD * sizeof(T);          // Vs - Ks
     constexpr unsigned kdOOff = NBUF * BM * LD * sizeof(T);  // dOs - Qs
@@ -136,10 +160,34 @@ __global__ void __launch_bounds__(NT, 1) tc_bwd_kernel(PORTATTN_BWD_PARAMS(T)) {
       for (int e = 0; e < 4; ++e) dka[t][e] = dva[t][e] = 0.f;
 
     const int ntiles = (m_hi - m_start + BM - 1) / BM;
-    auto tile_m0 = [&](int it) { return m_start + BM * it; };
+    // Turing: each key tile starts its walk at a different query tile (its index, modulo
+    // the count) and wraps around. In one order, every CTA of a (batch, head) added into
+    // the same dQ rows at once with scalar atomics, which serialised in L2: the rotation
+    // made forced-sm75 non-causal fwd+bwd 6-12% faster on the H100. Ampere+ (8-byte
+    // reductions on sm_90, 128-key tiles) measured 1-4% slower with it: the shared walk
+    // keeps Q and dO hot in L2. Turing's d128 tile sits at 255 registers and spilled with
+    // the extra live value, so it keeps one order.
+    constexpr bool kRotate = ARCH < 80 && D <= 96;
+    const int rot = kRotate && ntiles > 0 ? (n0 / BN) % ntiles : 0;
+    auto tile_m0 = [&](int it) {
+      const int r = it + rot;
+      return m_start + BM * (r >= ntiles ? r - ntiles : r);
+    };
     int hh = 0, it = 0, buf = 0;
     if (ntiles <= 0) hh = group;  // no query sees these keys: dK = dV = 0
     if (kAsync && hh < group) stage_q(0, 0, tile_m0(0));
+    unsigned kvreg[kKVRegs ? D / 16 : 1][2][4];
+    if constexpr (kKVRegs) {
+      if (hh < group) {
+        KCopy::async_wait();
+        __syncthreads();
+#pragma unroll
+        for (int kd = 0; kd < D / 16; ++kd) {
+          ldsm_x4(kvreg[kd][0], k_a + kd * 16 * sizeof(T));
+          ldsm_x4(kvreg[kd][1], k_a + kVOff + kd * 16 * sizeof(T));
+        }
+      }
+    }
     for (; hh < group; buf ^= (NBUF - 1)) {
       const int cur_m0 = tile_m0(it);
       if constexpr (kAsync) {
@@ -158,6 +206,7 @@ __global__ void __launch_bounds__(NT, 1) tc_bwd_kernel(PORTATTN_BWD_PARAMS(T)) {
       if (kAsync && hh < group) stage_q(buf ^ 1, hh, tile_m0(it));
 
       const unsigned qb_lane = q_b + buf * kBufBytes;
+      const unsigned qt_lane = q_t + buf * kBufBytes;
       float s[QT][4], dp[QT][4];
 #pragma unroll
       for (int t = 0; t < QT; ++t)
@@ -166,8 +215,16 @@ __global__ void __launch_bounds__(NT, 1) tc_bwd_kernel(PORTATTN_BWD_PARAMS(T)) {
 #pragma unroll kUnroll
       for (int kd = 0; kd < D / 16; ++kd) {
         unsigned ka[4], va[4];
-        ldsm_x4(ka, k_a + kd * 16 * sizeof(T));
-        ldsm_x4(va, k_a + kVOff + kd * 16 * sizeof(T));
+        if constexpr (kKVRegs) {
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            ka[r] = kvreg[kd][0][r];
+            va[r] = kvreg[kd][1][r];
+          }
+        } else {
+          ldsm_x4(ka, k_a + kd * 16 * sizeof(T));
+          ldsm_x4(va, k_a + kVOff + kd * 16 * sizeof(T));
+        }
 #pragma unroll
         for (int np = 0; np < BM / 16; ++np) {
           unsigned qb[4], ob[4];
@@ -293,63 +350,78 @@ __global__ void __launch_bounds__(NT, 1) tc_bwd_kernel(PORTATTN_BWD_PARAMS(T)) {
 #pragma unroll
         for (int dd = 0; dd < D / 16; ++dd) {
           unsigned ob[4], qb[4];
-          ldsm_x4_trans(ob, qb_lane + kdOOff + kn * 16 * kRowBytes + dd * 16 * sizeof(T));
-          Mma::k16(dva[2 * dd], pa[kn], ob[0], ob[2]);
-          Mma::k16(dva[2 * dd + 1], pa[kn], ob[1], ob[3]);
-          ldsm_x4_trans(qb, qb_lane + kn * 16 * kRowBytes + dd * 16 * sizeof(T));
-          Mma::k16(dka[2 * dd], dsa[kn], qb[0], qb[2]);
-          Mma::k16(dka[2 * dd + 1], dsa[kn], qb[1], qb[3]);
+          ldsm_x4_trans(ob, qt_lane + kdOOff + kn * 16 * kRowBytes + dd * 16 * sizeof(T));
+          Mma::k16(dva[2 * dd], pa[kn], ob[0], ob[kT1]);
+          Mma::k16(dva[2 * dd + 1], pa[kn], ob[kT2], ob[3]);
+          ldsm_x4_trans(qb, qt_lane + kn * 16 * kRowBytes + dd * 16 * sizeof(T));
+          Mma::k16(dka[2 * dd], dsa[kn], qb[0], qb[kT1]);
+          Mma::k16(dka[2 * dd + 1], dsa[kn], qb[kT2], qb[3]);
         }
       }
 
       if (dq_accum != nullptr) {
         __syncthreads();  // dS^T of every warp in place
         const int qblk = warp % QB, c_first = (warp / QB) * DW;
-        const int i0 = cur_m0 + qblk * 16 + g;
-        float* dqrow = dq_accum + span.q_at(b, dq_sb, dq_ss) + static_cast<long long>(i0) * dq_ss +
-                       h * dq_sh;
-        const long long row8 = 8 * dq_ss;
+        const int i0 = cur_m0 + qblk * MQ + g;
+        // This thread's first column in row i0; every other element it adds is a multiple
+        // of 8 rows and a compile-time column offset from it (64-bit address arithmetic
+        // per element was a quarter of the dQ section's instructions).
+        float* dq0 = dq_accum + span.q_at(b, dq_sb, dq_ss) + static_cast<long long>(i0) * dq_ss +
+                     h * dq_sh + c_first + tig * 2;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-        // Column pairs start at even columns: 8-byte aligned when every stride is even
-        // (dq_accum is backward.py's own 256-byte aligned allocation).
-        const bool pair_ok = ((dq_sb | dq_ss | dq_sh) & 1) == 0;
+        // sm_90 adds a column pair in one 8-byte reduction, with no per-column test where
+        // every column of this warp's share lies inside the head dim. Pairs start at even
+        // columns: 8-byte aligned when every stride is even (dq_accum is backward.py's own
+        // 256-byte aligned allocation). (A test-free path elsewhere spilled sm_75's d128.)
+        const bool pairs = c_first + DW <= d && ((dq_sb | dq_ss | dq_sh) & 1) == 0;
 #endif
 #pragma unroll
-        for (int c0 = c_first; c0 < c_first + DW; c0 += CW) {
-          float acc[CW / 8][4];
+        for (int j = 0; j < DW / CW; ++j) {
+          float acc[MQ / 16][CW / 8][4];
 #pragma unroll
-          for (int t = 0; t < CW / 8; ++t)
+          for (int mq = 0; mq < MQ / 16; ++mq)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) acc[t][e] = 0.f;
+            for (int t = 0; t < CW / 8; ++t)
+#pragma unroll
+              for (int e = 0; e < 4; ++e) acc[mq][t][e] = 0.f;
 #pragma unroll
           for (int kn = 0; kn < BN / 16; ++kn) {
-            unsigned a[4];
-            ldsm_x4_trans(a, ds_b + kn * 16 * LS * sizeof(T) + qblk * 16 * sizeof(T));
+            unsigned a[MQ / 16][4];
+#pragma unroll
+            for (int mq = 0; mq < MQ / 16; ++mq)
+              ldsm_x4_trans(a[mq], ds_b + kn * 16 * LS * sizeof(T) +
+                                       (qblk * MQ + mq * 16) * sizeof(T));
 #pragma unroll
             for (int cc = 0; cc < CW / 16; ++cc) {
               unsigned kb[4];
-              ldsm_x4_trans(kb, k_b + kn * 16 * kRowBytes + (c0 + cc * 16) * sizeof(T));
-              Mma::k16(acc[2 * cc], a, kb[0], kb[2]);
-              Mma::k16(acc[2 * cc + 1], a, kb[1], kb[3]);
+              ldsm_x4_trans(kb, k_t + kn * 16 * kRowBytes +
+                                    (c_first + j * CW + cc * 16) * sizeof(T));
+#pragma unroll
+              for (int mq = 0; mq < MQ / 16; ++mq) {
+                Mma::k16(acc[mq][2 * cc], a[mq], kb[0], kb[kT1]);
+                Mma::k16(acc[mq][2 * cc + 1], a[mq], kb[kT2], kb[3]);
+              }
             }
           }
 #pragma unroll
+          for (int mq = 0; mq < MQ / 16; ++mq)
+#pragma unroll
           for (int t = 0; t < CW / 8; ++t) {
-            const int c = c0 + t * 8 + tig * 2;
+            const int c = c_first + j * CW + t * 8 + tig * 2;
 #pragma unroll
             for (int hf = 0; hf < 2; ++hf) {
-              const bool row_ok = hf ? i0 + 8 < span.sq : i0 < span.sq;
-              float* dst = dqrow + (hf ? row8 : 0) + c;
+              const bool row_ok = i0 + mq * 16 + hf * 8 < span.sq;
+              float* dst = dq0 + (mq * 16 + hf * 8) * dq_ss + j * CW + t * 8;
+              const float x0 = acc[mq][t][2 * hf], x1 = acc[mq][t][2 * hf + 1];
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-              // sm_90 adds both columns in one 8-byte reduction where they are aligned.
-              if (pair_ok && row_ok && c + 1 < d) {
-                asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(dst),
-                             "f"(acc[t][2 * hf]), "f"(acc[t][2 * hf + 1]) : "memory");
+              if (row_ok && pairs) {
+                asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(dst), "f"(x0),
+                             "f"(x1) : "memory");
                 continue;
               }
 #endif
-              if (row_ok && c < d) atomicAdd(dst, acc[t][2 * hf]);
-              if (row_ok && c + 1 < d) atomicAdd(dst + 1, acc[t][2 * hf + 1]);
+              if (row_ok && c < d) atomicAdd(dst, x0);
+              if (row_ok && c + 1 < d) atomicAdd(dst + 1, x1);
             }
           }
         }

@@ -48,7 +48,7 @@ __global__ void __launch_bounds__(NT, MINB) tc_fwd_kernel(
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, tig = lane & 3;
-  const CtaTile tile(BM, hq, group, sq, sk, cu_q, cu_k, align_br);
+  const CtaTile tile(BM, hq, group, sq, sk, cu_q, cu_k, align_br, win_right);
   if (tile.rows_valid <= 0) return;
   const int b = tile.b, h = tile.h, hk = tile.hk, m0 = tile.m0;
   const int rows_valid = tile.rows_valid;
@@ -63,6 +63,15 @@ __global__ void __launch_bounds__(NT, MINB) tc_fwd_kernel(
   const unsigned k_lane = smem_addr(Ks + ((lane >> 4) * 8 + (lane & 7)) * LD +
                                     ((lane >> 3) & 1) * 8);
   constexpr unsigned kVOffset = BN * LD * sizeof(T);  // Vs - Ks
+  // V as P V's transposed B operand, d <= 64: Q's pattern (no warp offset) returns an n8
+  // tile's two k8 halves in registers 0,1 and 2,3, the pairs the MMA reads; K's pattern
+  // gives 0,2 and 1,3, and ptxas spends two moves per load to pair them (+3-8% at d64 on
+  // the H100). Larger head dims keep K's pattern: the extra base register spilled d128 on
+  // sm_80 and its bf16 FEAT_MODS build on sm_90.
+  constexpr bool kVPairs = D <= 64;
+  constexpr int kV1 = kVPairs ? 1 : 2, kV2 = kVPairs ? 2 : 1;
+  const unsigned v_lane = kVPairs ? smem_addr(Vs + (lane & 15) * LD + (lane >> 4) * 8)
+                                  : k_lane + kVOffset;
   const CtaScores cs(tile, bias, bias_kind, bias_sb, bias_sh, bias_sq, bias_sk, alibi, alibi_sb,
                      alibi_sh, softcap_log2, win_left, win_right);
   const ScoreMods& mods = cs.mods;
@@ -324,11 +333,11 @@ __global__ void __launch_bounds__(NT, MINB) tc_fwd_kernel(
 #pragma unroll
       for (int dp = 0; dp < D / 16; ++dp) {
         unsigned vb[4];
-        ldsm_x4_trans(vb, k_lane + kVOffset + kn * 16 * kRowBytes + dp * 16 * sizeof(T));
+        ldsm_x4_trans(vb, v_lane + kn * 16 * kRowBytes + dp * 16 * sizeof(T));
 #pragma unroll
         for (int mb = 0; mb < MB; ++mb) {
-          Mma::k16(acc[mb][2 * dp], pa[mb][kn], vb[0], vb[2]);
-          Mma::k16(acc[mb][2 * dp + 1], pa[mb][kn], vb[1], vb[3]);
+          Mma::k16(acc[mb][2 * dp], pa[mb][kn], vb[0], vb[kV1]);
+          Mma::k16(acc[mb][2 * dp + 1], pa[mb][kn], vb[kV2], vb[3]);
         }
       }
     }
