@@ -3,6 +3,7 @@ Function that flash_attn_func uses when an input requires grad.
 
 Stages (kernels_cuda/simt_bwd.cu), all on the caller's current stream:
   pre   delta = rowsum(dout * out), lse in the log2 domain (fp32, (batch, heads, seqlen_q));
+        in atomic mode it also zeroes the dQ buffer;
   dkdv  dK, dV per key tile; dQ added to an fp32 buffer with atomics, or, with
         deterministic=True, not at all;
   dq    (deterministic only) dQ per query tile, no atomics: bit-identical across runs;
