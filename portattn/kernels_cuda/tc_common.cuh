@@ -115,6 +115,29 @@ struct TileCopy {
   // unrolled for the same reason as async().
   static __device__ __forceinline__ void direct(T* smem, const T* g, long long stride,
                                                 int row0, int nrows, int d, bool vec) {
+    if constexpr (kRowsPerPass > 0) {
+      if (vec && nrows >= ROWS && d == D) {
+        // Whole tile in bounds and aligned: every load issued before the first store, by
+        // a pointer walk (as async_full).
+        constexpr int kPasses = (ROWS + kRowsPerPass - 1) / kRowsPerPass;
+        const int t = tid(), r = t / (D / 8);
+        const T* src = g + static_cast<long long>(row0 + r) * stride + (t % (D / 8)) * 8;
+        T* dst = smem + r * LD + (t % (D / 8)) * 8;
+        const long long step = kRowsPerPass * stride;
+        uint4 v[kPasses];
+#pragma unroll
+        for (int i = 0; i < kPasses; ++i) {
+          if (ROWS % kRowsPerPass == 0 || r + i * kRowsPerPass < ROWS)
+            v[i] = __ldg(reinterpret_cast<const uint4*>(src));
+          src += step;
+        }
+#pragma unroll
+        for (int i = 0; i < kPasses; ++i)
+          if (ROWS % kRowsPerPass == 0 || r + i * kRowsPerPass < ROWS)
+            *reinterpret_cast<uint4*>(dst + i * kRowsPerPass * LD) = v[i];
+        return;
+      }
+    }
 #pragma unroll 1
     for (int i = 0; i < kPerThread; ++i) {
       int r, d0;
@@ -138,6 +161,23 @@ struct TileCopy {
   __device__ __forceinline__ void load(const T* g, long long stride, int row0, int nrows,
                                        int d, bool vec) {
     const int t = tid();
+    if constexpr (kRowsPerPass > 0) {
+      if (vec && nrows >= ROWS && d == D) {
+        // Whole tile in bounds and aligned: a pointer walk, as async_full (store() reads
+        // the same chunk order: chunk t + i*NT is row t/(D/8) + i*kRowsPerPass). Turing
+        // forward +9-15% on the H100 (forced sm_75), from the per-chunk index arithmetic.
+        const T* src =
+            g + static_cast<long long>(row0 + t / (D / 8)) * stride + (t % (D / 8)) * 8;
+        const long long step = kRowsPerPass * stride;
+#pragma unroll
+        for (int i = 0; i < kPerThread; ++i) {
+          if (ROWS % kRowsPerPass == 0 || t / (D / 8) + i * kRowsPerPass < ROWS)
+            regs[i] = __ldg(reinterpret_cast<const uint4*>(src));
+          src += step;
+        }
+        return;
+      }
+    }
 #pragma unroll
     for (int i = 0; i < kPerThread; ++i) {
       int r, d0;
