@@ -372,7 +372,8 @@ __global__ void __launch_bounds__(NT, 1) tc_bwd_kernel(PORTATTN_BWD_PARAMS(T)) {
         // sm_90 adds a column pair in one 8-byte reduction, with no per-column test where
         // every column of this warp's share lies inside the head dim. Pairs start at even
         // columns: 8-byte aligned when every stride is even (dq_accum is backward.py's own
-        // 256-byte aligned allocation). (A test-free path elsewhere spilled sm_75's d128.)
+        // 256-byte aligned allocation). Elsewhere the per-column tests stay: the same
+        // test-free path with two scalar atomics spilled sm_75's d128 tile.
         const bool pairs = c_first + DW <= d && ((dq_sb | dq_ss | dq_sh) & 1) == 0;
 #endif
 #pragma unroll
