@@ -115,13 +115,28 @@ struct TileCopy {
   // unrolled for the same reason as async().
   static __device__ __forceinline__ void direct(T* smem, const T* g, long long stride,
                                                 int row0, int nrows, int d, bool vec) {
-    if (kRowsPerPass > 0 && vec && nrows >= ROWS && d == D) {
-      // Whole tile in bounds and aligned: load()'s pointer walk, every load issued before
-      // the first store (the loop below waits out a load's latency per chunk).
-      TileCopy staged;
-      staged.load(g, stride, row0, nrows, d, vec);
-      staged.store(smem);
-      return;
+    if constexpr (kRowsPerPass > 0) {
+      if (vec && nrows >= ROWS && d == D) {
+        // Whole tile in bounds and aligned: every load issued before the first store, by
+        // a pointer walk (as async_full).
+        constexpr int kPasses = (ROWS + kRowsPerPass - 1) / kRowsPerPass;
+        const int t = tid(), r = t / (D / 8);
+        const T* src = g + static_cast<long long>(row0 + r) * stride + (t % (D / 8)) * 8;
+        T* dst = smem + r * LD + (t % (D / 8)) * 8;
+        const long long step = kRowsPerPass * stride;
+        uint4 v[kPasses];
+#pragma unroll
+        for (int i = 0; i < kPasses; ++i) {
+          if (ROWS % kRowsPerPass == 0 || r + i * kRowsPerPass < ROWS)
+            v[i] = __ldg(reinterpret_cast<const uint4*>(src));
+          src += step;
+        }
+#pragma unroll
+        for (int i = 0; i < kPasses; ++i)
+          if (ROWS % kRowsPerPass == 0 || r + i * kRowsPerPass < ROWS)
+            *reinterpret_cast<uint4*>(dst + i * kRowsPerPass * LD) = v[i];
+        return;
+      }
     }
 #pragma unroll 1
     for (int i = 0; i < kPerThread; ++i) {
