@@ -119,7 +119,7 @@ struct TileCopy {
       if (vec && nrows >= ROWS && d == D) {
         // Whole tile in bounds and aligned: every load issued before the first store, by
         // a pointer walk (as async_full). Written out rather than as load() + store():
-        // that form compiled to the same registers but ran the forced-sm75 fwd+bwd 17-36%
+        // that form compiled to the same registers but ran the forced-sm75 fwd+bwd 14-36%
         // slower on the H100.
         constexpr int kPasses = (ROWS + kRowsPerPass - 1) / kRowsPerPass;
         const int t = tid(), r = t / (D / 8);
