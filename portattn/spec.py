@@ -40,9 +40,10 @@ class KernelSpec:
     block_n: int         # key rows per K/V tile
     threads: int
     tx: int = 0          # simt_fwd / simt_bwd: threads sharing one query row group
-    mma: int = 0         # tc_fwd: MMA policy, 80 (m16n8k16 + cp.async) or 75 (m16n8k8);
-                         # tc70_fwd: 70 (m8n8k4)
-    feat: int = 0        # tc_fwd, tc_bwd: FEAT_* bits compiled in (0: plain or masked)
+    mma: int = 0         # tc_fwd, tc_bwd: MMA policy, 80 (m16n8k16 + cp.async) or 75
+                         # (m16n8k8); tc70_fwd, tc70_bwd: 70 (m8n8k4)
+    feat: int = 0        # tc_fwd, tc_bwd, tc70_bwd: FEAT_* bits compiled in (0: plain or
+                         # masked)
     min_ctas: int = 1    # tc_fwd: resident CTAs per SM asked of ptxas (__launch_bounds__)
 
     @property
@@ -53,7 +54,7 @@ class KernelSpec:
                     f"{self.head_dim}, {self.block_m}, {self.block_n}, {self.threads}{arch}>")
         last = self.tx if self.family in ("simt_fwd", "simt_bwd") else self.mma
         feat = {"tc_fwd": f", {self.feat}, {self.min_ctas}",
-                "tc_bwd": f", {self.feat}"}.get(self.family, "")
+                "tc_bwd": f", {self.feat}", "tc70_bwd": f", {self.feat}"}.get(self.family, "")
         return (f"portattn::{self.family}_kernel<{DTYPE_CTYPE[self.dtype]}, {self.head_dim}, "
                 f"{self.block_m}, {self.block_n}, {self.threads}, {last}{feat}>")
 
@@ -130,3 +131,20 @@ def tc_bwd_smem_bytes(spec: KernelSpec) -> int:
 
 
 SMEM_BYTES["tc_bwd"] = tc_bwd_smem_bytes
+
+
+def tc70_bwd_dst_row(block_m: int) -> int:
+    """tc70_bwd.cu's LS: dS^T rows of block_m rounded up to 32, plus 16 halves (so each half
+    warp's 8-byte dQ operand loads fall in 16 different bank pairs)."""
+    return -(-block_m // 32) * 32 + 16
+
+
+def tc70_bwd_smem_bytes(spec: KernelSpec) -> int:
+    """tc70_bwd.cu: K, V (BN rows), Q, dO (BM rows) in the input type with rows padded by 8,
+    dS^T (BN x LS), and fp32 lse2 and delta of the query tile."""
+    d, bm, bn = spec.head_dim, spec.block_m, spec.block_n
+    return (DTYPE_BYTES[spec.dtype] * (2 * (bn + bm) * (d + 8) + bn * tc70_bwd_dst_row(bm))
+            + 4 * 2 * bm)
+
+
+SMEM_BYTES["tc70_bwd"] = tc70_bwd_smem_bytes

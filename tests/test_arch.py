@@ -697,12 +697,47 @@ def test_tc_bwd_tile_fits_shape_rules_registers_and_smem(cc, d):
     assert plan.spec("dq").family == "simt_bwd"
 
 
+@pytest.mark.parametrize("cc", [70, 72])
+@pytest.mark.parametrize("d", [32, 64, 96, 128])
+def test_volta_bwd_runs_m8n8k4_tiles_within_rules(cc, d):
+    from portattn.arch import select_bwd_plan
+    from portattn.arch.plan_bwd import (TC70_BWD_MAX_EST_REGS, TC70_BWD_TILES, tc70_bwd_tile_ok,
+                                        tc_bwd_est_regs)
+    dev = device_from_arch(cc)
+    for mods in (False, True):
+        plan = select_bwd_plan(dev, Problem(dtype="float16", head_dim=d, alibi=mods))
+        s = plan.spec("dkdv")
+        assert (plan.path, s.family, s.mma, s.feat) == ("sm70", "tc70_bwd", 70, int(mods))
+        assert (s.block_m, s.block_n, s.threads) in TC70_BWD_TILES
+        assert tc70_bwd_tile_ok(s.block_m, s.block_n, s.threads, d)
+        assert tc_bwd_est_regs(s.block_m, d) <= TC70_BWD_MAX_EST_REGS
+        assert s.smem_bytes <= dev.smem_per_block and plan.ctas_per_sm >= 2, plan.describe()
+        rows = plan.spec("pre")
+        assert rows == plan.spec("cvt") and (rows.family, rows.block_m, rows.mma) == ("tc_bwd", 0, 70)
+        assert plan.spec("dq").family == "simt_bwd"
+        rej = dict(plan.rejected)
+        assert "needs mma.m16n8k8" in rej["sm75"] and "lower preference than sm70" in rej["simt"]
+    # bf16 has no m8n8k4 form: the whole backward stays SIMT, and says why.
+    bf = select_bwd_plan(dev, Problem(dtype="bfloat16", head_dim=d))
+    assert bf.path == "simt" and "bfloat16" in dict(bf.rejected)["sm70"]
+
+
+def test_volta_bwd_tile_rules_reject_what_the_kernel_cannot_split():
+    from portattn.arch.plan_bwd import tc70_bwd_tile_ok
+    assert tc70_bwd_tile_ok(64, 64, 128, 128) and tc70_bwd_tile_ok(32, 32, 64, 96)
+    assert not tc70_bwd_tile_ok(32, 64, 128, 96)    # dQ: 96 / 4 warps = 24 columns
+    assert not tc70_bwd_tile_ok(32, 64, 128, 32)    # 8 columns per warp
+    assert not tc70_bwd_tile_ok(16, 32, 64, 64)     # dQ warp blocks are 32 queries
+    assert not tc70_bwd_tile_ok(64, 32, 128, 64)    # 16 keys per warp
+
+
 @pytest.mark.parametrize("cc, dtype, d, why", [
     (90, "float16", 160, "dK + dV of 16 keys x d per warp"),
-    (90, "float32", 64, "float32 has no sm80 tensor-core backward"),
-    (75, "bfloat16", 64, "bfloat16 has no sm75 tensor-core backward"),
-    (70, "float16", 64, "needs m16n8k8; sm_70 has mma.m8n8k4"),
-    (61, "float16", 64, "needs m16n8k16; sm_61 has none"),
+    (90, "float32", 64, "float32 inputs have no tensor-core form"),
+    (75, "bfloat16", 64, "m16n8k8 has no bfloat16 form"),
+    (70, "float16", 160, "dK + dV of 16 keys x d per warp"),
+    (70, "bfloat16", 64, "m8n8k4 has no bfloat16 form"),
+    (61, "float16", 64, "needs mma.m16n8k16; sm_61 has no tensor-core MMA"),
 ])
 def test_bwd_plan_says_why_it_stays_simt(cc, dtype, d, why):
     from portattn.arch import select_bwd_plan

@@ -114,8 +114,10 @@ def test_bwd_plan_fits_the_arch(cc, dtype, d):
     acc, s = simt_bwd_regs(simt.block_m, simt.block_n, simt.threads, simt.tx, simt.head_dim)
     assert acc <= 128 and s <= 32 and simt.smem_bytes <= dev.smem_per_block
     tc = (cc >= 80 and dtype != "float32") or (cc == 75 and dtype == "float16")
+    volta = cc in (70, 72) and dtype == "float16"
     assert (main.family == "tc_bwd") == (tc and d <= 128), plan.describe()
-    if main.family == "tc_bwd":   # pre and cvt: tc_bwd's row kernel (block_m 0, no smem)
+    assert (main.family == "tc70_bwd") == (volta and d <= 128), plan.describe()
+    if main.family in ("tc_bwd", "tc70_bwd"):   # pre and cvt: tc_bwd's row kernel (no smem)
         rows = plan.spec("pre")
         assert (rows.family, rows.block_m, rows.smem_bytes, rows.mma) == ("tc_bwd", 0, 0, main.mma)
     else:
@@ -130,8 +132,9 @@ def test_bwd_plan_is_pure_and_forced_path_is_explained():
     assert select_bwd_plan(dev, p) == select_bwd_plan(dev, p)
     assert select_bwd_plan(dev, p).path == "sm75"
     assert select_bwd_plan(dev, p, only="simt").path == "simt"
-    volta = select_bwd_plan(dev, p, only="sm70")
-    assert volta.path == "simt" and "PORTATTN_PATH=sm70 has no backward kernel" in volta.reason
+    volta = select_bwd_plan(dev, p, only="sm70")   # Turing runs m8n8k4 only emulated
+    assert volta.path == "simt" and "emulated" in dict(volta.rejected)["sm70"]
+    assert select_bwd_plan(device_from_arch(70), p, only="sm70").path == "sm70"
     assert select_bwd_plan(device_from_arch(90), p, only="sm75").spec("dkdv").mma == 75
     with pytest.raises(ValueError, match="path must be one of"):
         select_bwd_plan(dev, p, only="wgmma")

@@ -130,9 +130,10 @@ def test_backward_matches_reference(case):
     run_case(case)
 
 
-# Tensor-core dK/dV (tc_bwd.cu) on every policy and tile plan_bwd can pick: the largest
-# H100 tiles (64x128), the 99 KB tiles of sm_86 and Turing's (m16n8k8), at sizes that end
-# one row/key past a query tile (BM 16/32/64) and a key tile (BN 64/128), with masks.
+# Tensor-core dK/dV (tc_bwd.cu, tc70_bwd.cu) on every policy and tile plan_bwd can pick:
+# the largest H100 tiles (64x128), the 99 KB tiles of sm_86, Turing's (m16n8k8) and
+# Volta's (m8n8k4), at sizes that end one row/key past a query tile (BM 16/32/64) and a key
+# tile (BN 32/64/128), with masks.
 TC_BWD_CASES = [
     Case(arch=90, d=64, sq=129, sk=257, causal=True, hkv=2, group=3, seed=1),
     Case(arch=90, d=128, sq=65, sk=129, dtype="bfloat16", window=(33, 5), alibi="heads",
@@ -148,6 +149,17 @@ TC_BWD_CASES = [
     Case(arch=75, d=40, sq=65, sk=1, alibi="batch_heads", batch=2, kind="cupy",
          autograd=False, seed=10),
     Case(arch=75, d=96, sq=300, sk=129, deterministic=True, causal=True, seed=11),
+    # Volta's m8n8k4 (tc70_bwd.cu): 64x64 (d32, d64) and 32x32 (d96, d128) tiles.
+    Case(arch=70, d=64, sq=129, sk=257, causal=True, hkv=2, group=2, seed=12),
+    Case(arch=70, d=128, sq=33, sk=300, window=(5, 33), softcap=5.0, seed=13),
+    Case(arch=70, d=40, sq=65, sk=1, alibi="batch_heads", batch=2, kind="cupy",
+         autograd=False, seed=14),
+    Case(arch=70, d=96, sq=300, sk=129, deterministic=True, causal=True, seed=15),
+    Case(arch=70, d=32, sq=97, sk=65, bias="sq_sk:float", causal=True, align="top_left",
+         seed=16),
+    Case(arch=70, d=128, sq=200, sk=97, causal=True, softmax_scale=-0.3, hkv=2, group=3,
+         seed=17),
+    Case(arch=70, d=72, sq=1025, sk=130, bias="full:bool", seed=18),
 ]
 
 
@@ -160,7 +172,8 @@ def test_tensor_core_backward_tiles(case):
     with forced_arch(case.arch):
         from portattn.arch import Problem, detect, select_bwd_plan
         plan = select_bwd_plan(detect(0), Problem(dtype=case.dtype, head_dim=case.d))
-    assert plan.spec("dkdv").family == "tc_bwd", plan.describe()
+    family = "tc70_bwd" if case.arch == 70 else "tc_bwd"
+    assert plan.spec("dkdv").family == family, plan.describe()
     run_case(case)
 
 

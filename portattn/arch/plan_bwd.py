@@ -3,9 +3,10 @@
 Pure and table-driven like ``select_plan``. A backward plan is one spec per stage
 (``BWD_STAGES``: pre, dkdv, dq, cvt). The SIMT family (simt_bwd.cu) runs every stage on
 every arch, all four naming one spec (the stage is a run-time argument). On sm_80+
-(fp16/bf16) and sm_75 (fp16) the dkdv stage -- all but a few percent of the work, dQ's
-atomics included -- is tensor-core (tc_bwd.cu, paths "sm80"/"sm75"), pre and cvt run in
-tc_bwd's low-register row kernel, and the deterministic dq stage stays on the SIMT spec.
+(fp16/bf16), sm_75 and sm_70 (fp16) the dkdv stage -- all but a few percent of the work,
+dQ's atomics included -- is tensor-core (tc_bwd.cu, paths "sm80"/"sm75"; tc70_bwd.cu, path
+"sm70"), pre and cvt run in tc_bwd's low-register row kernel, and the deterministic dq
+stage stays on the SIMT spec.
 """
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from dataclasses import dataclass
 
 from ..spec import DTYPES, FEAT_MODS, MAX_HEAD_DIM, KernelSpec, head_dim_bucket
 from .device import DeviceInfo
-from .plan import PATH_NAMES, TARGET_WARPS_PER_SM, Problem, ctas_per_sm, validate_problem
-from .table import MMA_M8N8K4, MMA_M16N8K8, MMA_M16N8K16
+from .plan import (PATH_NAMES, PATHS, TARGET_WARPS_PER_SM, Problem, _path_hw_reason,
+                   ctas_per_sm, validate_problem)
 
 # SIMT backward tiles (block_m query rows, block_n key rows, threads, tx), best first.
 # tx lanes split a query tile (S^T, dP^T) and the head dim (dK, dV, dQ); threads/tx
@@ -136,9 +137,9 @@ TC_BWD_MAX_HEAD_DIM = 128
 # (head dim, block_m, block_n, threads) within the estimate that ptxas still spilled
 # (NVRTC 12.9, sm_80): d96 64x128 (dQ in 16-column chunks of 48 per warp), 4-8 bytes.
 TC_BWD_SPILLED = {(96, 64, 128, 256)}
-# MMA policy per forward path name and the instruction it needs.
-TC_BWD_POLICIES = {"sm80": (80, MMA_M16N8K16, ("float16", "bfloat16")),
-                   "sm75": (75, MMA_M16N8K8, ("float16",))}
+# MMA policy per forward path name, in preference order; what each path needs of the
+# hardware and which dtypes it takes are the forward's (arch.plan.PATHS).
+TC_BWD_POLICIES = {"sm80": 80, "sm75": 75, "sm70": 70}
 
 
 def tc_bwd_row_spec(dtype: str, mma: int) -> KernelSpec:
@@ -186,13 +187,67 @@ def _plan_tc_bwd(device: DeviceInfo, problem: Problem, mma: int):
     return None, f"no tensor-core backward tile for head dim {d} fits {lim}"
 
 
+# Volta dK/dV tiles (block_m, block_n, threads), best first (tc70_bwd.cu): 16 keys per
+# warp as in tc_bwd.cu; each quad pair holds half of the warp's dK and dV columns.
+TC70_BWD_TILES = (
+    (64, 64, 128),
+    (32, 64, 128),
+    (32, 32, 64),
+)
+# Estimated live fp32 registers per thread, d (dK + dV) + block_m (S^T + dP^T), as
+# tc_bwd_est_regs. NVRTC 12.9, sm_70: est 160 compiled to 242-252 registers with no spills
+# (d128 32x64, d96 64x64, plain and with modifiers); d128 64x64 (est 192) spilled 88 bytes.
+TC70_BWD_MAX_EST_REGS = 160
+
+
+def tc70_bwd_tile_ok(bm: int, bn: int, threads: int, d: int) -> bool:
+    """tc70_bwd.cu's static shape rules: 16 keys per warp, dK/dV columns split in two
+    16-column multiples, and dQ's 32-query x DW-column warp blocks (DW a multiple of 16)
+    covering the tile."""
+    warps = threads // 32
+    rq = bm // 32
+    if bn != 16 * warps or bm % 32 or rq == 0 or warps % rq or (d // 2) % 16:
+        return False
+    dw = d // (warps // rq)
+    return dw * (warps // rq) == d and dw % 16 == 0
+
+
+def _plan_tc70_bwd(device: DeviceInfo, problem: Problem, mma: int):
+    """The first tile in TC70_BWD_TILES within the register estimate and shared memory that
+    leaves >= 2 CTAs resident, else the first that fits: Volta has no cp.async, so a CTA
+    waits out its Q/dO copy at every query step, and a second CTA has work to overlap it."""
+    d = head_dim_bucket(problem.head_dim)
+    lim = f"{device.smem_per_block // 1024} KB/block, {device.smem_per_sm // 1024} KB/SM"
+    if d > TC_BWD_MAX_HEAD_DIM:
+        return None, (f"head dim {d}: dK + dV of 16 keys x d per warp need ~{d} fp32 "
+                      f"registers per thread before S and dP (budget {TC70_BWD_MAX_EST_REGS})")
+    fits = []
+    for bm, bn, threads in TC70_BWD_TILES:
+        if not tc70_bwd_tile_ok(bm, bn, threads, d) or \
+                tc_bwd_est_regs(bm, d) > TC70_BWD_MAX_EST_REGS:
+            continue
+        spec = KernelSpec("tc70_bwd", problem.dtype, d, bm, bn, threads, mma=mma,
+                          feat=FEAT_MODS if problem.score_mods else 0)
+        smem = spec.smem_bytes
+        if smem <= device.smem_per_block:
+            fits.append((spec, smem, ctas_per_sm(device, threads, smem)))
+    if not fits:
+        return None, f"no m8n8k4 backward tile for head dim {d} fits {lim}"
+    best = next((x for x in fits if x[2] >= 2), fits[0])
+    spec, smem, ctas = best
+    return best, (f"{spec.block_m}x{spec.block_n} tile, {spec.threads // 32} warps of 16 keys: "
+                  f"the first in TC70_BWD_TILES within ~{tc_bwd_est_regs(spec.block_m, d)} "
+                  f"accumulator registers and {lim}"
+                  + (" with >= 2 CTAs resident (no cp.async: a second CTA overlaps each "
+                     "CTA's Q/dO copies)" if ctas >= 2 else ""))
+
+
 def select_bwd_plan(device: DeviceInfo, problem: Problem, only: str | None = None) -> BwdPlan:
     """Kernels and tiles for the backward pass of ``problem`` on ``device``; pure.
 
     ``only`` (PORTATTN_PATH) names a forward path: "simt" keeps the backward on SIMT,
-    "sm80"/"sm75" allow only that tensor-core policy for the dkdv stage (falling back to
-    SIMT, with the reason, where it cannot run), "sm70" has no backward kernel of its own
-    and means SIMT."""
+    "sm80"/"sm75"/"sm70" allow only that tensor-core policy for the dkdv stage (falling
+    back to SIMT, with the reason, where it cannot run)."""
     validate_problem(problem)
     if only is not None and only not in PATH_NAMES:
         raise ValueError(f"path must be one of {PATH_NAMES}, got {only!r}")
@@ -203,27 +258,24 @@ def select_bwd_plan(device: DeviceInfo, problem: Problem, only: str | None = Non
     f = device.facts
     rejected = []
     chosen = None
-    for name, (mma, need, dtypes) in TC_BWD_POLICIES.items():
+    paths = {p.name: p for p in PATHS}
+    for name, mma in TC_BWD_POLICIES.items():
         why = None
         if only is not None and only != name:
             why = f"excluded: PORTATTN_PATH={only}"
-        elif f.mma < need:
-            why = f"needs {'m16n8k16' if need == MMA_M16N8K16 else 'm16n8k8'}; {f.name} has " \
-                  f"{f.mma_name}"
-        elif problem.dtype not in dtypes:
-            why = f"{problem.dtype} has no {name} tensor-core backward"
-        elif chosen is not None:
+        else:
+            why = _path_hw_reason(paths[name], f, problem.dtype)
+        if why is None and chosen is not None:
             why = f"lower preference than {chosen[0]}"
         if why is None:
-            tc, tile_why = _plan_tc_bwd(device, problem, mma)
+            planner = _plan_tc70_bwd if mma == 70 else _plan_tc_bwd
+            tc, tile_why = planner(device, problem, mma)
             if tc is None:
                 why = tile_why
             else:
                 chosen = (name, tc, tile_why)
                 continue
         rejected.append((name, why))
-    rejected.append(("sm70", "no m8n8k4 backward kernel in this release (Volta runs SIMT)"
-                     if f.mma == MMA_M8N8K4 else "no m8n8k4 backward kernel in this release"))
     if chosen is not None:
         name, (spec, smem, ctas), tile_why = chosen
         rows = tc_bwd_row_spec(problem.dtype, spec.mma)
@@ -236,8 +288,6 @@ def select_bwd_plan(device: DeviceInfo, problem: Problem, only: str | None = Non
                        reason=reason, rejected=tuple(rejected), plan_cc=device.plan_cc)
     specs = {stage: simt_spec for stage in BWD_STAGES}
     head = "no tensor-core backward applies"
-    if only is not None and only not in TC_BWD_POLICIES and only != "simt":
-        head += f" (PORTATTN_PATH={only} has no backward kernel)"
     return BwdPlan(path="simt", specs=specs, smem_bytes=simt_smem, ctas_per_sm=simt_ctas,
                    reason=f"{head}; {simt_why}", rejected=tuple(rejected),
                    plan_cc=device.plan_cc)

@@ -25,34 +25,6 @@
 
 namespace portattn {
 
-template <class T> struct Mma884;
-template <> struct Mma884<half_t> {
-  // D(8x8) += A(8x4, row) B(4x8, col) per QP.
-  static __device__ __forceinline__ void row_col(float (&d)[8], unsigned a0, unsigned a1,
-                                                 unsigned b0, unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m8n8k4.row.col.f32.f16.f16.f32 {%0,%1,%2,%3,%4,%5,%6,%7}, "
-        "{%8,%9}, {%10,%11}, {%0,%1,%2,%3,%4,%5,%6,%7};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
-          "+f"(d[6]), "+f"(d[7])
-        : "r"(a0), "r"(a1), "r"(b0), "r"(b1));
-  }
-  // D(8x8) += A(8x4, row) B(4x8, row) per QP.
-  static __device__ __forceinline__ void row_row(float (&d)[8], unsigned a0, unsigned a1,
-                                                 unsigned b0, unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m8n8k4.row.row.f32.f16.f16.f32 {%0,%1,%2,%3,%4,%5,%6,%7}, "
-        "{%8,%9}, {%10,%11}, {%0,%1,%2,%3,%4,%5,%6,%7};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
-          "+f"(d[6]), "+f"(d[7])
-        : "r"(a0), "r"(a1), "r"(b0), "r"(b1));
-  }
-};
-
-__device__ __forceinline__ uint4 lds128(const void* p) {
-  return *reinterpret_cast<const uint4*>(p);
-}
-
 template <class T, int D, int BM, int BN, int NT, int ARCH>
 __global__ void __launch_bounds__(NT, 1) tc70_fwd_kernel(
     PORTATTN_FWD_PARAMS(T)) {

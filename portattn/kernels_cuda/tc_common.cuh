@@ -268,4 +268,33 @@ template <int ARCH> struct MmaK16<bf16_t, ARCH> {
   }
 };
 
+// Volta's mma.sync.m8n8k4 (fp16 in, fp32 accumulate): four independent 8x8x4 products per
+// warp, one per quad pair (lanes 4q..4q+3 and 4q+16..4q+19); the layouts name A's and B's.
+#define PORTATTN_MMA884(LAYOUTS, d, a0, a1, b0, b1)                                          \
+  asm volatile("mma.sync.aligned.m8n8k4." LAYOUTS ".f32.f16.f16.f32 "                        \
+               "{%0,%1,%2,%3,%4,%5,%6,%7}, {%8,%9}, {%10,%11}, {%0,%1,%2,%3,%4,%5,%6,%7};"  \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),    \
+                 "+f"(d[6]), "+f"(d[7])                                                      \
+               : "r"(a0), "r"(a1), "r"(b0), "r"(b1))
+template <class T> struct Mma884;
+template <> struct Mma884<half_t> {
+  static __device__ __forceinline__ void row_col(float (&d)[8], unsigned a0, unsigned a1,
+                                                 unsigned b0, unsigned b1) {
+    PORTATTN_MMA884("row.col", d, a0, a1, b0, b1);
+  }
+  static __device__ __forceinline__ void row_row(float (&d)[8], unsigned a0, unsigned a1,
+                                                 unsigned b0, unsigned b1) {
+    PORTATTN_MMA884("row.row", d, a0, a1, b0, b1);
+  }
+  static __device__ __forceinline__ void col_row(float (&d)[8], unsigned a0, unsigned a1,
+                                                 unsigned b0, unsigned b1) {
+    PORTATTN_MMA884("col.row", d, a0, a1, b0, b1);
+  }
+};
+#undef PORTATTN_MMA884
+
+__device__ __forceinline__ uint4 lds128(const void* p) {
+  return *reinterpret_cast<const uint4*>(p);
+}
+
 }  // namespace portattn
