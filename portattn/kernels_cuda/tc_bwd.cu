@@ -166,16 +166,9 @@ __global__ void __launch_bounds__(NT, 1) tc_bwd_kernel(PORTATTN_BWD_PARAMS(T)) {
     // made forced-sm75 non-causal fwd+bwd 6-12% faster on the H100. Ampere+ (8-byte
     // reductions on sm_90, 128-key tiles) measured 1-4% slower with it: the shared walk
     // keeps Q and dO hot in L2. Turing's d128 tile sits at 255 registers and spilled with
-    // the extra live value, so it keeps one order. Ampere+ d128 takes a coarse form: key
-    // tile n starts a quarter (n % 4) of the way along, so four groups of CTAs share each
-    // walk (+1-4% fwd+bwd on the H100; d64 lost 1-2% with it and keeps one order).
+    // the extra live value, so it keeps one order.
     constexpr bool kRotate = ARCH < 80 && D <= 96;
-    constexpr int kQuarters = ARCH >= 80 && D >= 128 ? 4 : 0;
-    int rot = 0;
-    if (ntiles > 0) {
-      if constexpr (kRotate) rot = (n0 / BN) % ntiles;
-      if constexpr (kQuarters > 0) rot = (n0 / BN) % kQuarters * ntiles / kQuarters;
-    }
+    const int rot = kRotate && ntiles > 0 ? (n0 / BN) % ntiles : 0;
     auto tile_m0 = [&](int it) {
       const int r = it + rot;
       return m_start + BM * (r >= ntiles ? r - ntiles : r);
