@@ -20,6 +20,9 @@ HEAD_DIM_BUCKETS = tuple(range(HEAD_DIM_GRANULE, MAX_HEAD_DIM + 1, HEAD_DIM_GRAN
 # KernelSpec.feat bits (tc_fwd.cu's and tc_bwd.cu's FEAT): softcap, ALiBi, bias or a negative
 # softmax scale.
 FEAT_MODS = 1
+# tc_bwd.cu on sm_80+: warp pairs share a key block for dK / dV, reading P^T and dS^T back
+# from shared memory (plan_bwd picks it where it measured faster and fits).
+FEAT_PAIRS = 2
 
 
 def head_dim_bucket(head_dim: int) -> int:
@@ -65,6 +68,7 @@ class KernelSpec:
     def short(self) -> str:
         mma = f"/mma{self.mma}" if self.mma else ""
         feat = ("/mods" if self.feat & FEAT_MODS else "") + \
+            ("/pairs" if self.feat & FEAT_PAIRS else "") + \
             (f"/min{self.min_ctas}" if self.min_ctas > 1 else "")
         return (f"{self.family}{mma}/{self.dtype}/d{self.head_dim}/"
                 f"{self.block_m}x{self.block_n}/t{self.threads}{feat}")
@@ -120,14 +124,15 @@ SMEM_BYTES["attn_probs"] = lambda spec: 0
 
 def tc_bwd_smem_bytes(spec: KernelSpec) -> int:
     """tc_bwd.cu's dK/dV stage: K, V (BN rows), Q and dO (BM rows, double-buffered on
-    sm_80+) in the input type with rows padded by 8, dS^T (BN x BM+8), and fp32 lse2 and
-    delta per buffered query tile."""
+    sm_80+) in the input type with rows padded by 8, dS^T (BN x BM+8) and, with FEAT_PAIRS,
+    P^T of the same shape, and fp32 lse2 and delta per buffered query tile."""
     d, bm, bn = spec.head_dim, spec.block_m, spec.block_n
     if bm == 0:   # the row stages (pre, cvt) use none
         return 0
     nbuf = 2 if spec.mma >= 80 else 1
+    st = 2 if spec.feat & FEAT_PAIRS else 1
     return (DTYPE_BYTES[spec.dtype] * (2 * bn * (d + 8) + 2 * nbuf * bm * (d + 8)
-                                       + bn * (bm + 8)) + 4 * 2 * nbuf * bm)
+                                       + st * bn * (bm + 8)) + 4 * 2 * nbuf * bm)
 
 
 SMEM_BYTES["tc_bwd"] = tc_bwd_smem_bytes

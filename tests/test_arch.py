@@ -32,7 +32,7 @@ from portattn.arch import (
 )
 from portattn.arch import plan as plan_mod
 from portattn.arch.table import MMA_M8N8K4, MMA_M16N8K8, MMA_M16N8K16, MMA_NONE
-from portattn.spec import DTYPES, FEAT_MODS, HEAD_DIM_BUCKETS, KernelSpec
+from portattn.spec import DTYPES, FEAT_MODS, FEAT_PAIRS, HEAD_DIM_BUCKETS, KernelSpec
 
 # portattn.arch re-exports the detect() function under the submodule's name.
 detect_mod = importlib.import_module("portattn.arch.detect")
@@ -678,7 +678,8 @@ def test_volta_fp16_runs_m8n8k4_with_resident_warps(cc):
 def test_tc_bwd_tile_fits_shape_rules_registers_and_smem(cc, d):
     from portattn.arch import select_bwd_plan
     from portattn.arch.plan_bwd import (TC_BWD_MAX_EST_REGS, TC_BWD_MAX_EST_REGS_PLAIN,
-                                        TC_BWD_SPILLED, tc_bwd_est_regs, tc_bwd_tile_ok)
+                                        TC_BWD_SPILLED, tc_bwd_est_regs, tc_bwd_pairs_ok,
+                                        tc_bwd_tile_ok)
     dev = device_from_arch(cc)
     plan = select_bwd_plan(dev, Problem(dtype="float16", head_dim=d))
     s = plan.spec("dkdv")
@@ -688,10 +689,19 @@ def test_tc_bwd_tile_fits_shape_rules_registers_and_smem(cc, d):
     assert tc_bwd_est_regs(s.block_m, d) <= TC_BWD_MAX_EST_REGS_PLAIN[mma]
     # With score modifiers the tighter budget applies (their builds spill sooner on sm_75).
     mods = select_bwd_plan(dev, Problem(dtype="float16", head_dim=d, alibi=True)).spec("dkdv")
-    assert mods.feat == FEAT_MODS and tc_bwd_est_regs(mods.block_m, d) <= TC_BWD_MAX_EST_REGS[mma]
+    assert mods.feat & FEAT_MODS and tc_bwd_est_regs(mods.block_m, d) <= TC_BWD_MAX_EST_REGS[mma]
     assert mods.block_m <= s.block_m
+    # Warp pairs on sm_80+ from d96 where their P^T buffer fits; the same choice either way.
+    pairs = bool(s.feat & FEAT_PAIRS)
+    assert pairs == bool(mods.feat & FEAT_PAIRS)
+    paired = dataclasses.replace(s, feat=s.feat | FEAT_PAIRS)
+    assert pairs == (tc_bwd_pairs_ok(mma, s.threads, d)
+                     and paired.smem_bytes <= dev.smem_per_block)
+    if mma >= 80 and d >= 96:
+        assert pairs or "without warp pairs" in plan.reason, plan.describe()
+    assert ("warp pairs share 32 keys" in plan.reason) == pairs
     assert (d, s.block_m, s.block_n, s.threads) not in TC_BWD_SPILLED
-    assert s.smem_bytes <= dev.smem_per_block and "warps of 16 keys" in plan.reason
+    assert s.smem_bytes <= dev.smem_per_block and "keys" in plan.reason
     rows = plan.spec("pre")
     assert rows == plan.spec("cvt") and (rows.family, rows.block_m, rows.mma) == ("tc_bwd", 0, mma)
     assert plan.spec("dq").family == "simt_bwd"
@@ -772,3 +782,21 @@ def test_tc_register_cap_only_where_three_ctas_fit(cc, d, mods, want):
     if want == 3:
         assert plan.ctas_per_sm >= 3 and "/min3" in plan.spec.short()
         assert plan.spec.name_expression.endswith(", 80, 0, 3>")
+
+
+def test_tc_bwd_pairs_cost_p_buffer_and_follow_the_shape_rules():
+    from portattn.arch import select_bwd_plan
+    from portattn.arch.plan_bwd import tc_bwd_pairs_ok
+    one = KernelSpec("tc_bwd", "float16", 128, 64, 128, 256, mma=80)
+    two = dataclasses.replace(one, feat=FEAT_PAIRS)
+    assert two.smem_bytes - one.smem_bytes == 2 * 128 * (64 + 8)   # P^T, BN x (BM + 8)
+    assert two.short().endswith("/pairs") and ", 2>" in two.name_expression
+    assert tc_bwd_pairs_ok(80, 256, 128) and tc_bwd_pairs_ok(80, 128, 96)
+    assert not tc_bwd_pairs_ok(75, 256, 128)    # Turing keeps the 1-D split
+    assert not tc_bwd_pairs_ok(80, 256, 64)     # measured slower at d64
+    assert not tc_bwd_pairs_ok(80, 32 * 3, 128)  # an odd warp count has no pairs
+    # A100's 163 KB/block cannot hold d128 64x128 with P^T: the same tile, unpaired.
+    a100 = select_bwd_plan(device_from_arch(80), Problem(dtype="float16", head_dim=128))
+    assert a100.spec("dkdv") == one and "without warp pairs" in a100.reason
+    h100 = select_bwd_plan(device_from_arch(90), Problem(dtype="float16", head_dim=128))
+    assert h100.spec("dkdv") == two

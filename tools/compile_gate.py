@@ -23,7 +23,7 @@ from portattn.arch.plan_bwd import all_bwd_specs_for  # noqa: E402
 from portattn.arch.plan_decode import all_decode_specs_for  # noqa: E402
 from portattn.arch.plan import ctas_per_sm  # noqa: E402
 from portattn.compile import compile_cubin  # noqa: E402
-from portattn.spec import FEAT_MODS  # noqa: E402
+from portattn.spec import FEAT_MODS, FEAT_PAIRS  # noqa: E402
 
 _ENTRY = re.compile(r"Compiling entry function '([^']+)' for 'sm_(\d+)'")
 _PROPS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -45,7 +45,7 @@ class GateRow:
 
     def line(self) -> str:
         s = self.spec
-        var = "+".join(["mods"] * bool(s.feat & FEAT_MODS) +
+        var = "+".join(["mods"] * bool(s.feat & FEAT_MODS) + ["pairs"] * bool(s.feat & FEAT_PAIRS) +
                        [f"min{s.min_ctas}"] * (s.min_ctas > 1)) or "-"
         return (f"sm_{self.cc:<3} {s.family:9} {s.dtype:9} d{s.head_dim:<4} "
                 f"{s.block_m:>3}x{s.block_n:<3} {var:9} {s.threads:>4} {self.regs:>5} "

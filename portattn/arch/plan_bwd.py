@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..spec import DTYPES, FEAT_MODS, MAX_HEAD_DIM, KernelSpec, head_dim_bucket
+from ..spec import DTYPES, FEAT_MODS, FEAT_PAIRS, MAX_HEAD_DIM, KernelSpec, head_dim_bucket
 from .device import DeviceInfo
 from .plan import (PATH_NAMES, PATHS, TARGET_WARPS_PER_SM, Problem, _path_hw_reason,
                    ctas_per_sm, validate_problem)
@@ -163,6 +163,19 @@ def tc_bwd_tile_ok(bm: int, bn: int, threads: int, d: int) -> bool:
     return dw * (warps // qb) == d and dw % 16 == 0
 
 
+# Warp pairs (FEAT_PAIRS) from this head dim up: fwd+bwd on the H100 (same-process A/B,
+# alternating order) gained 2-6% at d128 and lost 1-4% at d64, where K and V fragments stay in
+# registers (benchmarks/NOTES.md, seventh session).
+TC_BWD_PAIRS_MIN_HEAD_DIM = 96
+
+
+def tc_bwd_pairs_ok(mma: int, threads: int, d: int) -> bool:
+    """tc_bwd.cu's FEAT_PAIRS shape rules: sm_80+, an even warp count, half the head dim a
+    multiple of 16; and where it measured faster (TC_BWD_PAIRS_MIN_HEAD_DIM)."""
+    return (mma >= 80 and (threads // 32) % 2 == 0 and (d // 2) % 16 == 0
+            and d >= TC_BWD_PAIRS_MIN_HEAD_DIM)
+
+
 def _plan_tc_bwd(device: DeviceInfo, problem: Problem, mma: int):
     d = head_dim_bucket(problem.head_dim)
     lim = f"{device.smem_per_block // 1024} KB/block, {device.smem_per_sm // 1024} KB/SM"
@@ -170,20 +183,29 @@ def _plan_tc_bwd(device: DeviceInfo, problem: Problem, mma: int):
     if d > TC_BWD_MAX_HEAD_DIM or tc_bwd_est_regs(16, d) > budget:
         return None, (f"head dim {d}: dK + dV of 16 keys x d per warp need ~{d} fp32 "
                       f"registers per thread before S and dP (budget {budget})")
+    mods = FEAT_MODS if problem.score_mods else 0
     for bm, bn, threads in TC_BWD_TILES:
         if (not tc_bwd_tile_ok(bm, bn, threads, d) or tc_bwd_est_regs(bm, d) > budget
                 or (d, bm, bn, threads) in TC_BWD_SPILLED):
             continue
-        spec = KernelSpec("tc_bwd", problem.dtype, d, bm, bn, threads, mma=mma,
-                          feat=FEAT_MODS if problem.score_mods else 0)
-        smem = spec.smem_bytes
-        if smem > device.smem_per_block:
-            continue
-        ctas = ctas_per_sm(device, threads, smem)
-        return (spec, smem, ctas), (
-            f"{bm}x{bn} tile, {threads // 32} warps of 16 keys: the first in TC_BWD_TILES "
-            f"(largest key tile first: fewer Q/dO re-reads and dQ atomics per key) within "
-            f"~{tc_bwd_est_regs(bm, d)} accumulator registers and {lim}")
+        # Warp pairs where they apply (they need P^T's shared memory too), else the same tile
+        # without them.
+        pairs = tc_bwd_pairs_ok(mma, threads, d)
+        for feat in (mods | FEAT_PAIRS, mods) if pairs else (mods,):
+            spec = KernelSpec("tc_bwd", problem.dtype, d, bm, bn, threads, mma=mma, feat=feat)
+            smem = spec.smem_bytes
+            if smem > device.smem_per_block:
+                continue
+            ctas = ctas_per_sm(device, threads, smem)
+            how = ("warp pairs share 32 keys for dK and dV (P^T and dS^T through shared "
+                   "memory: half of Q and dO per warp)" if feat & FEAT_PAIRS else
+                   f"{threads // 32} warps of 16 keys")
+            unpaired = (f"; without warp pairs: their P^T buffer would exceed {lim}"
+                        if pairs and not feat & FEAT_PAIRS else "")
+            return (spec, smem, ctas), (
+                f"{bm}x{bn} tile, {how}: the first in TC_BWD_TILES "
+                f"(largest key tile first: fewer Q/dO re-reads and dQ atomics per key) within "
+                f"~{tc_bwd_est_regs(bm, d)} accumulator registers and {lim}{unpaired}")
     return None, f"no tensor-core backward tile for head dim {d} fits {lim}"
 
 

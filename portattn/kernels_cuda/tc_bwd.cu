@@ -35,7 +35,7 @@
 namespace portattn {
 
 // FEAT bit 0 (spec.FEAT_MODS) compiles in the score modifiers (softcap, ALiBi, bias);
-// without it the host guarantees none are present.
+// without it the host guarantees none are present. Bit 1 (FEAT_PAIRS): see k2D.
 template <class T, int D, int BM, int BN, int NT, int ARCH, int FEAT>
 __global__ void __launch_bounds__(NT, 1) tc_bwd_kernel(PORTATTN_BWD_PARAMS(T)) {
   if constexpr (BM == 0) {
@@ -76,6 +76,16 @@ __global__ void __launch_bounds__(NT, 1) tc_bwd_kernel(PORTATTN_BWD_PARAMS(T)) {
     // registers for the whole kernel instead of being re-read from shared memory for every
     // query tile (shared-memory bandwidth is what bounds this kernel).
     constexpr bool kKVRegs = ARCH >= 80 && D <= 64;
+    // FEAT bit 1 (spec.FEAT_PAIRS, Ampere+): dV and dK are accumulated by warp pairs: warp w
+    // owns keys 32 (w % (NW / 2)) .. +31 and half the head dim (w / (NW / 2)), with P^T and
+    // dS^T read back from shared memory, so each warp streams half of dO and Q per query
+    // tile instead of all of it (per warp and tile, d128: 48 ldmatrix instead of 64).
+    // fwd+bwd on the H100: d128 +2-6%, d64 -1-4% (there K and V sit in registers and dV,
+    // dK's A operands came from registers too), so the plan asks for it at d > 64.
+    constexpr bool k2D = (FEAT & 2) != 0;
+    static_assert(!k2D || (ARCH >= 80 && NW % 2 == 0 && (D / 2) % 16 == 0), "pairs");
+    constexpr int kMT = k2D ? 2 : 1;           // m16 key tiles per warp in dK / dV
+    constexpr int kDT = k2D ? D / 16 : D / 8;  // n8 head-dim tiles per warp in dK / dV
 
     if (stage != 1) return;  // a tile spec runs only the dK/dV (+ atomic dQ) stage
 
@@ -85,7 +95,8 @@ __global__ void __launch_bounds__(NT, 1) tc_bwd_kernel(PORTATTN_BWD_PARAMS(T)) {
     T* Qs = Vs + BN * LD;
     T* dOs = Qs + NBUF * BM * LD;
     T* dSt = dOs + NBUF * BM * LD;
-    float* lse2s = reinterpret_cast<float*>(dSt + BN * LS);
+    T* Pt = dSt + BN * LS;   // P^T (k2D only)
+    float* lse2s = reinterpret_cast<float*>(Pt + (k2D ? BN * LS : 0));
     float* deltas = lse2s + NBUF * BM;
 
     const KeyTile kt(BN, hq, group, sq, sk, cu_q, cu_k, align_br, win_left, win_right,
@@ -153,11 +164,13 @@ __global__ void __launch_bounds__(NT, 1) tc_bwd_kernel(PORTATTN_BWD_PARAMS(T)) {
       }
     };
 
-    float dka[DT][4], dva[DT][4];
+    float dka[kMT][kDT][4], dva[kMT][kDT][4];
 #pragma unroll
-    for (int t = 0; t < DT; ++t)
+    for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) dka[t][e] = dva[t][e] = 0.f;
+      for (int t = 0; t < kDT; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dka[mt][t][e] = dva[mt][t][e] = 0.f;
 
     const int ntiles = (m_hi - m_start + BM - 1) / BM;
     // Turing: each key tile starts its walk at a different query tile (its index, modulo
@@ -332,35 +345,71 @@ __global__ void __launch_bounds__(NT, 1) tc_bwd_kernel(PORTATTN_BWD_PARAMS(T)) {
         dsa[kn][2] = Pack2<T, ARCH>::run(dp[2 * kn + 1][0], dp[2 * kn + 1][1]);
         dsa[kn][3] = Pack2<T, ARCH>::run(dp[2 * kn + 1][2], dp[2 * kn + 1][3]);
       }
-      if (dq_accum != nullptr) {
+      if (k2D || dq_accum != nullptr) {
         // dS^T rows g and g+8 of this warp's keys; one 32-bit word per query pair, and the
         // padded row length (BM+8 elements) puts the warp's 32 words on 32 banks.
         unsigned* row0 = reinterpret_cast<unsigned*>(dSt + (warp * 16 + g) * LS + tig * 2);
+        unsigned* prow0 = reinterpret_cast<unsigned*>(Pt + (warp * 16 + g) * LS + tig * 2);
 #pragma unroll
         for (int kn = 0; kn < BM / 16; ++kn) {
           row0[kn * 8] = dsa[kn][0];
           row0[kn * 8 + 4 * LS] = dsa[kn][1];
           row0[kn * 8 + 4] = dsa[kn][2];
           row0[kn * 8 + 4 + 4 * LS] = dsa[kn][3];
+          if constexpr (k2D) {
+            prow0[kn * 8] = pa[kn][0];
+            prow0[kn * 8 + 4 * LS] = pa[kn][1];
+            prow0[kn * 8 + 4] = pa[kn][2];
+            prow0[kn * 8 + 4 + 4 * LS] = pa[kn][3];
+          }
         }
       }
 
+      if constexpr (k2D) {
+        __syncthreads();  // P^T and dS^T of every warp in place
+        const int kb2 = (warp % (NW / 2)) * 32, d0 = (warp / (NW / 2)) * (D / 2);
+        const unsigned pt_a = smem_addr(Pt + (kb2 + arow) * LS + acol);
+        const unsigned dst_a = smem_addr(dSt + (kb2 + arow) * LS + acol);
+#pragma unroll
+        for (int kn = 0; kn < BM / 16; ++kn) {
+          unsigned pf[2][4], sf[2][4];
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) {
+            ldsm_x4(pf[mt], pt_a + (mt * 16 * LS + kn * 16) * sizeof(T));
+            ldsm_x4(sf[mt], dst_a + (mt * 16 * LS + kn * 16) * sizeof(T));
+          }
+#pragma unroll
+          for (int dd = 0; dd < D / 32; ++dd) {
+            unsigned ob[4], qb[4];
+            ldsm_x4_trans(ob, qt_lane + kdOOff + kn * 16 * kRowBytes + (d0 + dd * 16) * sizeof(T));
+            ldsm_x4_trans(qb, qt_lane + kn * 16 * kRowBytes + (d0 + dd * 16) * sizeof(T));
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt) {
+              Mma::k16(dva[mt][2 * dd], pf[mt], ob[0], ob[kT1]);
+              Mma::k16(dva[mt][2 * dd + 1], pf[mt], ob[kT2], ob[3]);
+              Mma::k16(dka[mt][2 * dd], sf[mt], qb[0], qb[kT1]);
+              Mma::k16(dka[mt][2 * dd + 1], sf[mt], qb[kT2], qb[3]);
+            }
+          }
+        }
+      } else {
 #pragma unroll
       for (int kn = 0; kn < BM / 16; ++kn) {
 #pragma unroll
         for (int dd = 0; dd < D / 16; ++dd) {
           unsigned ob[4], qb[4];
           ldsm_x4_trans(ob, qt_lane + kdOOff + kn * 16 * kRowBytes + dd * 16 * sizeof(T));
-          Mma::k16(dva[2 * dd], pa[kn], ob[0], ob[kT1]);
-          Mma::k16(dva[2 * dd + 1], pa[kn], ob[kT2], ob[3]);
+          Mma::k16(dva[0][2 * dd], pa[kn], ob[0], ob[kT1]);
+          Mma::k16(dva[0][2 * dd + 1], pa[kn], ob[kT2], ob[3]);
           ldsm_x4_trans(qb, qt_lane + kn * 16 * kRowBytes + dd * 16 * sizeof(T));
-          Mma::k16(dka[2 * dd], dsa[kn], qb[0], qb[kT1]);
-          Mma::k16(dka[2 * dd + 1], dsa[kn], qb[kT2], qb[3]);
+          Mma::k16(dka[0][2 * dd], dsa[kn], qb[0], qb[kT1]);
+          Mma::k16(dka[0][2 * dd + 1], dsa[kn], qb[kT2], qb[3]);
         }
+      }
       }
 
       if (dq_accum != nullptr) {
-        __syncthreads();  // dS^T of every warp in place
+        if constexpr (!k2D) __syncthreads();  // dS^T of every warp in place
         const int qblk = warp % QB, c_first = (warp / QB) * DW;
         const int i0 = cur_m0 + qblk * MQ + g;
         // This thread's first column in row i0; every other element it adds is a multiple
@@ -432,19 +481,22 @@ __global__ void __launch_bounds__(NT, 1) tc_bwd_kernel(PORTATTN_BWD_PARAMS(T)) {
     // A CTA whose keys no query sees ran no iteration: its K/V copies must land before exit.
     if constexpr (kAsync) KCopy::async_wait();
 #pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
-      const int j = n0 + warp * 16 + g + hf * 8;
+      const int j = n0 + (k2D ? (warp % (NW / 2)) * 32 + mt * 16 : warp * 16) + g + hf * 8;
       if (j >= span.sk) continue;
       T* krow = dk + span.k_at(b, dk_sb, dk_ss) + static_cast<long long>(j) * dk_ss + hk * dk_sh;
       T* vrow = dv + span.k_at(b, dv_sb, dv_ss) + static_cast<long long>(j) * dv_ss + hk * dv_sh;
+      const int c_0 = k2D ? (warp / (NW / 2)) * (D / 2) : 0;
 #pragma unroll
-      for (int t = 0; t < DT; ++t) {
+      for (int t = 0; t < kDT; ++t) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const int col = t * 8 + tig * 2 + e;
+          const int col = c_0 + t * 8 + tig * 2 + e;
           if (col < d) {
-            krow[col] = from_float<T>(dka[t][2 * hf + e] * dq_scale);
-            vrow[col] = from_float<T>(dva[t][2 * hf + e]);
+            krow[col] = from_float<T>(dka[mt][t][2 * hf + e] * dq_scale);
+            vrow[col] = from_float<T>(dva[mt][t][2 * hf + e]);
           }
         }
       }
