@@ -142,6 +142,12 @@ TC_BWD_CASES = [
          autograd=False, seed=3),
     Case(arch=90, d=128, sq=97, sk=1025, deterministic=True, batch=2, seed=4),
     Case(arch=90, d=72, sq=1025, sk=97, causal=True, dtype="bfloat16", seed=5),
+    # H100 warp-pair tiles: d64 128x128 (S^T / dP^T split too) and d128 64x128.
+    Case(arch=90, d=64, sq=300, sk=257, window=(40, 7), deterministic=True, seed=19),
+    Case(arch=90, d=40, sq=129, sk=385, causal=True, align="top_left", dtype="bfloat16",
+         hkv=2, group=2, seed=20),
+    Case(arch=90, d=128, sq=257, sk=129, causal=True, hkv=1, group=3, kind="cupy",
+         autograd=False, seed=21),
     Case(arch=86, d=128, sq=129, sk=65, causal=True, align="top_left", seed=6),
     Case(arch=86, d=96, sq=33, sk=200, bias="sq_sk:float", dtype="bfloat16", seed=7),
     Case(arch=75, d=64, sq=129, sk=257, causal=True, hkv=2, group=2, seed=8),

@@ -135,6 +135,7 @@ def run_case(case: Case):
 @example(case=Case(sq=17, sk=97, d=72, causal=True, kind="cupy", arch=80))
 @example(case=Case(sq=97, sk=17, d=40, causal=True, arch=75, hkv=2, group=2))  # masked rows
 @example(case=Case(sq=97, sk=130, d=72, arch=70, window=(33, 3), p=0.9, autograd=True))
+@example(case=Case(sq=257, sk=300, d=64, causal=True, p=0.3, autograd=True))   # 128x128 pairs
 @example(case=Case(sq=1025, sk=97, d=64, dtype="bfloat16", arch=61, causal=True, p=0.5,
                    drop_seed=2 ** 64 - 1, offset=2 ** 32 - 1))
 @example(case=Case(sq=65, sk=129, d=128, dtype="float32", kind="cupy", hkv=2, group=3))

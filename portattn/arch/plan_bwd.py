@@ -110,8 +110,11 @@ def _plan_simt_bwd(device: DeviceInfo, problem: Problem):
 
 # Tensor-core dK/dV tiles (block_m query rows per step, block_n keys, threads), best first.
 # Each warp owns 16 keys (block_n = 16 x warps) and keeps their dK and dV (16 x d, fp32) in
-# registers; S^T and dP^T of a query step take block_m more per thread.
+# registers; S^T and dP^T of a query step take block_m more per thread. With warp pairs
+# (FEAT_PAIRS) the same amounts are split 32 keys x d/2, and 128-query tiles exist only
+# with them (tc_bwd.cu's kS2D: S^T and dP^T split across the pair too).
 TC_BWD_TILES = (
+    (128, 128, 256),  # pairs only: FA2's d64 tile; fwd+bwd +8-11% at d64 on the H100
     (64, 128, 256),   # FA2's d<=128 tile: Q/dO re-read and dQ atomics per key = 1/128
     (64, 64, 128),
     (32, 64, 128),    # 99 KB (sm_86/89) and Turing's 64 KB at d128
@@ -135,8 +138,11 @@ def tc_bwd_budget(mma: int, score_mods: bool) -> int:
 # d160 (32x64, est 192) spilled 52-72 bytes on sm_80/86 with one 16-key block per warp.
 TC_BWD_MAX_HEAD_DIM = 128
 # (head dim, block_m, block_n, threads) within the estimate that ptxas still spilled
-# (NVRTC 12.9, sm_80): d96 64x128 (dQ in 16-column chunks of 48 per warp), 4-8 bytes.
-TC_BWD_SPILLED = {(96, 64, 128, 256)}
+# (NVRTC 12.9, sm_80): d96 64x128 (dQ in 16-column chunks of 48 per warp), 4-8 bytes; sm_90
+# with pairs: d32 128x128, 12 bytes.
+TC_BWD_SPILLED = {(96, 64, 128, 256), (32, 128, 128, 256)}
+# The same with FEAT_MODS (the plain build fits): d64 128x128 with pairs, 212 bytes on sm_90.
+TC_BWD_SPILLED_MODS = {(64, 128, 128, 256)}
 # MMA policy per forward path name, in preference order; what each path needs of the
 # hardware and which dtypes it takes are the forward's (arch.plan.PATHS).
 TC_BWD_POLICIES = {"sm80": 80, "sm75": 75, "sm70": 70}
@@ -163,17 +169,18 @@ def tc_bwd_tile_ok(bm: int, bn: int, threads: int, d: int) -> bool:
     return dw * (warps // qb) == d and dw % 16 == 0
 
 
-# Warp pairs (FEAT_PAIRS) from this head dim up: fwd+bwd on the H100 (same-process A/B,
-# alternating order) gained 2-6% at d128 and lost 1-4% at d64, where K and V fragments stay in
-# registers (benchmarks/NOTES.md, seventh session).
-TC_BWD_PAIRS_MIN_HEAD_DIM = 96
+# Warp pairs (FEAT_PAIRS) on 64-query tiles from this head dim up: fwd+bwd on the H100
+# (same-process A/B, alternating order) gained 1-6% at d128 and lost 1-4% at d64 (where K and
+# V fragments stay in registers) and 0-3% at d96 (benchmarks/NOTES.md, seventh session).
+# 128-query tiles always take them.
+TC_BWD_PAIRS_MIN_HEAD_DIM = 128
 
 
-def tc_bwd_pairs_ok(mma: int, threads: int, d: int) -> bool:
+def tc_bwd_pairs_ok(mma: int, bm: int, threads: int, d: int) -> bool:
     """tc_bwd.cu's FEAT_PAIRS shape rules: sm_80+, an even warp count, half the head dim a
-    multiple of 16; and where it measured faster (TC_BWD_PAIRS_MIN_HEAD_DIM)."""
+    multiple of 16; and, below 128-query tiles, where it measured faster."""
     return (mma >= 80 and (threads // 32) % 2 == 0 and (d // 2) % 16 == 0
-            and d >= TC_BWD_PAIRS_MIN_HEAD_DIM)
+            and (bm >= 128 or d >= TC_BWD_PAIRS_MIN_HEAD_DIM))
 
 
 def _plan_tc_bwd(device: DeviceInfo, problem: Problem, mma: int):
@@ -186,12 +193,14 @@ def _plan_tc_bwd(device: DeviceInfo, problem: Problem, mma: int):
     mods = FEAT_MODS if problem.score_mods else 0
     for bm, bn, threads in TC_BWD_TILES:
         if (not tc_bwd_tile_ok(bm, bn, threads, d) or tc_bwd_est_regs(bm, d) > budget
-                or (d, bm, bn, threads) in TC_BWD_SPILLED):
+                or (d, bm, bn, threads) in TC_BWD_SPILLED
+                or (mods and (d, bm, bn, threads) in TC_BWD_SPILLED_MODS)):
             continue
         # Warp pairs where they apply (they need P^T's shared memory too), else the same tile
-        # without them.
-        pairs = tc_bwd_pairs_ok(mma, threads, d)
-        for feat in (mods | FEAT_PAIRS, mods) if pairs else (mods,):
+        # without them; 128-query tiles only with them.
+        pairs = tc_bwd_pairs_ok(mma, bm, threads, d)
+        feats = (mods | FEAT_PAIRS, mods) if pairs else (mods,)
+        for feat in feats[:1] if bm >= 128 and pairs else feats if bm < 128 else ():
             spec = KernelSpec("tc_bwd", problem.dtype, d, bm, bn, threads, mma=mma, feat=feat)
             smem = spec.smem_bytes
             if smem > device.smem_per_block:
@@ -202,6 +211,8 @@ def _plan_tc_bwd(device: DeviceInfo, problem: Problem, mma: int):
                    f"{threads // 32} warps of 16 keys")
             unpaired = (f"; without warp pairs: their P^T buffer would exceed {lim}"
                         if pairs and not feat & FEAT_PAIRS else "")
+            if bm >= 128:
+                how += ", and S^T and dP^T split across the pair (32 keys x 64 queries each)"
             return (spec, smem, ctas), (
                 f"{bm}x{bn} tile, {how}: the first in TC_BWD_TILES "
                 f"(largest key tile first: fewer Q/dO re-reads and dQ atomics per key) within "

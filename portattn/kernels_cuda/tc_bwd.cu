@@ -44,7 +44,6 @@ __global__ void __launch_bounds__(NT, 1) tc_bwd_kernel(PORTATTN_BWD_PARAMS(T)) {
     bwd_row_stage<T, NT>(PORTATTN_BWD_ARGS);
   } else {
     constexpr int NW = NT / 32;
-    constexpr int QT = BM / 8;           // n8 tiles of S^T / dP^T per warp
     constexpr int DT = D / 8;            // n8 tiles of dK / dV per warp
     constexpr int LD = D + 8, LS = BM + 8;
     constexpr bool kAsync = ARCH >= 80;
@@ -75,17 +74,29 @@ __global__ void __launch_bounds__(NT, 1) tc_bwd_kernel(PORTATTN_BWD_PARAMS(T)) {
     // d <= 64 on Ampere+: this warp's K and V A fragments (2 x D/16 x 4 registers) stay in
     // registers for the whole kernel instead of being re-read from shared memory for every
     // query tile (shared-memory bandwidth is what bounds this kernel).
-    constexpr bool kKVRegs = ARCH >= 80 && D <= 64;
+    constexpr bool kKVRegs = ARCH >= 80 && D <= 64 && !(FEAT & 2 && BM >= 128);
     // FEAT bit 1 (spec.FEAT_PAIRS, Ampere+): dV and dK are accumulated by warp pairs: warp w
     // owns keys 32 (w % (NW / 2)) .. +31 and half the head dim (w / (NW / 2)), with P^T and
     // dS^T read back from shared memory, so each warp streams half of dO and Q per query
     // tile instead of all of it (per warp and tile, d128: 48 ldmatrix instead of 64).
-    // fwd+bwd on the H100: d128 +2-6%, d64 -1-4% (there K and V sit in registers and dV,
-    // dK's A operands came from registers too), so the plan asks for it at d > 64.
+    // fwd+bwd on the H100: d128 +1-6%; on 64-query tiles d96 lost 0-3% and d64 1-4% (there K
+    // and V sit in registers and dV, dK's A operands came from registers too), so the plan
+    // pairs 64-query tiles from d128 only (plan_bwd.TC_BWD_PAIRS_MIN_HEAD_DIM).
     constexpr bool k2D = (FEAT & 2) != 0;
     static_assert(!k2D || (ARCH >= 80 && NW % 2 == 0 && (D / 2) % 16 == 0), "pairs");
     constexpr int kMT = k2D ? 2 : 1;           // m16 key tiles per warp in dK / dV
     constexpr int kDT = k2D ? D / 16 : D / 8;  // n8 head-dim tiles per warp in dK / dV
+    // Pairs with 128-query tiles split S^T and dP^T the same way (FA2's 2-D split): warp w
+    // computes its dK / dV keys against queries BM/2 (w / (NW / 2)) .. + BM/2 - 1, loading two
+    // K / V blocks and half of Q and dO per k16 step (12 ldmatrix per 32 MMAs where 16 keys
+    // x 128 queries took 18), and 128 query rows per step halve the steps and barriers.
+    // K and V stay in shared memory here (their fragments would not fit next to S^T / dP^T
+    // of 64 queries). d64 128x128 against 64x128 unpaired: fwd+bwd +8-11% on the H100.
+    constexpr bool kS2D = k2D && BM >= 128;
+    constexpr int kMT1 = kS2D ? 2 : 1;         // m16 key tiles per warp in S^T / dP^T
+    constexpr int kQW = kS2D ? BM / 2 : BM;    // queries per warp in S^T / dP^T
+    constexpr int QT1 = kQW / 8;
+    constexpr int kKeepW = (kMT1 * QT1 * 4 + 31) / 32;
 
     if (stage != 1) return;  // a tile spec runs only the dK/dV (+ atomic dQ) stage
 
@@ -124,7 +135,10 @@ __global__ void __launch_bounds__(NT, 1) tc_bwd_kernel(PORTATTN_BWD_PARAMS(T)) {
     const int arow = lane & 15, acol = (lane >> 4) * 8;
     const int brow = (lane >> 4) * 8 + (lane & 7), bcol = ((lane >> 3) & 1) * 8;
     const int trow = kTPairs ? arow : brow, tcol = kTPairs ? acol : bcol;
-    const unsigned k_a = smem_addr(Ks + (warp * 16 + arow) * LD + acol);
+    // This warp's first S^T / dP^T key and query, within the tiles.
+    const int key0 = kS2D ? (warp % (NW / 2)) * 32 : warp * 16;
+    const int q0 = kS2D ? (warp / (NW / 2)) * kQW : 0;
+    const unsigned k_a = smem_addr(Ks + (key0 + arow) * LD + acol);
     const unsigned q_b = smem_addr(Qs + brow * LD + bcol);
     const unsigned q_t = smem_addr(Qs + trow * LD + tcol);
     const unsigned k_t = smem_addr(Ks + trow * LD + tcol);
@@ -218,35 +232,43 @@ __global__ void __launch_bounds__(NT, 1) tc_bwd_kernel(PORTATTN_BWD_PARAMS(T)) {
       // Buffer buf^1 was last read before the barrier above.
       if (kAsync && hh < group) stage_q(buf ^ 1, hh, tile_m0(it));
 
-      const unsigned qb_lane = q_b + buf * kBufBytes;
+      const unsigned qb_lane = q_b + buf * kBufBytes + q0 * kRowBytes;
       const unsigned qt_lane = q_t + buf * kBufBytes;
-      float s[QT][4], dp[QT][4];
+      float s[kMT1][QT1][4], dp[kMT1][QT1][4];
 #pragma unroll
-      for (int t = 0; t < QT; ++t)
+      for (int mt = 0; mt < kMT1; ++mt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[t][e] = dp[t][e] = 0.f;
+        for (int t = 0; t < QT1; ++t)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[mt][t][e] = dp[mt][t][e] = 0.f;
 #pragma unroll kUnroll
       for (int kd = 0; kd < D / 16; ++kd) {
-        unsigned ka[4], va[4];
+        unsigned ka[kMT1][4], va[kMT1][4];
         if constexpr (kKVRegs) {
 #pragma unroll
           for (int r = 0; r < 4; ++r) {
-            ka[r] = kvreg[kd][0][r];
-            va[r] = kvreg[kd][1][r];
+            ka[0][r] = kvreg[kd][0][r];
+            va[0][r] = kvreg[kd][1][r];
           }
         } else {
-          ldsm_x4(ka, k_a + kd * 16 * sizeof(T));
-          ldsm_x4(va, k_a + kVOff + kd * 16 * sizeof(T));
+#pragma unroll
+          for (int mt = 0; mt < kMT1; ++mt) {
+            ldsm_x4(ka[mt], k_a + (mt * 16 * LD + kd * 16) * sizeof(T));
+            ldsm_x4(va[mt], k_a + kVOff + (mt * 16 * LD + kd * 16) * sizeof(T));
+          }
         }
 #pragma unroll
-        for (int np = 0; np < BM / 16; ++np) {
+        for (int np = 0; np < kQW / 16; ++np) {
           unsigned qb[4], ob[4];
           ldsm_x4(qb, qb_lane + np * 16 * kRowBytes + kd * 16 * sizeof(T));
           ldsm_x4(ob, qb_lane + kdOOff + np * 16 * kRowBytes + kd * 16 * sizeof(T));
-          Mma::k16(s[2 * np], ka, qb[0], qb[1]);
-          Mma::k16(s[2 * np + 1], ka, qb[2], qb[3]);
-          Mma::k16(dp[2 * np], va, ob[0], ob[1]);
-          Mma::k16(dp[2 * np + 1], va, ob[2], ob[3]);
+#pragma unroll
+          for (int mt = 0; mt < kMT1; ++mt) {
+            Mma::k16(s[mt][2 * np], ka[mt], qb[0], qb[1]);
+            Mma::k16(s[mt][2 * np + 1], ka[mt], qb[2], qb[3]);
+            Mma::k16(dp[mt][2 * np], va[mt], ob[0], ob[1]);
+            Mma::k16(dp[mt][2 * np + 1], va[mt], ob[2], ob[3]);
+          }
         }
       }
 
@@ -263,35 +285,44 @@ __global__ void __launch_bounds__(NT, 1) tc_bwd_kernel(PORTATTN_BWD_PARAMS(T)) {
           cols_valid == BN && (win_left < 0 || n0 >= last_row + diag_off - win_left) &&
           (win_right < 0 || n0 + BN - 1 <= cur_m0 + diag_off + win_right);
       // Without modifiers a score is kept where its query lies in its key's visible range
-      // (keys g and g + 8 of this warp; offsets relative to this thread's first query):
-      // two integer compares per score on every tile, no branch.
-      int q_lo[2], q_hi[2];
+      // (keys g and g + 8 of each of this warp's key blocks; offsets relative to this
+      // thread's first query): two integer compares per score on every tile, no branch.
+      int q_lo[kMT1][2], q_hi[kMT1][2];
 #pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        mods.query_range(n0 + warp * 16 + g + hf * 8, q_lo[hf], q_hi[hf]);
-        q_lo[hf] -= cur_m0 + tig * 2;
-        q_hi[hf] -= cur_m0 + tig * 2;
-      }
+      for (int mt = 0; mt < kMT1; ++mt)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          mods.query_range(n0 + key0 + mt * 16 + g + hf * 8, q_lo[mt][hf], q_hi[mt][hf]);
+          q_lo[mt][hf] -= cur_m0 + q0 + tig * 2;
+          q_hi[mt][hf] -= cur_m0 + q0 + tig * 2;
+        }
       // With dropout, V saw Pd = P Z / (1 - p): dV takes Pd and dP is masked and scaled
       // alike (the forward's mask, a pure function of (seed, offset, b, h, i, j):
-      // philox.cuh). The keep bits of this thread's QT*4 <= 32 elements are drawn first in a
-      // rolled loop: inlined into the unrolled one below, 32 Philox bodies spilled at d128.
-      static_assert(QT * 4 <= 32, "one keep-bit word per thread");
-      unsigned keep = 0u;
+      // philox.cuh). The keep bits of this thread's elements (bit (mt * QT1 + t) * 4 + e)
+      // are drawn first in a rolled loop: inlined into the unrolled one below, 32 Philox
+      // bodies spilled at d128.
+      unsigned keep[kKeepW];
+#pragma unroll
+      for (int w = 0; w < kKeepW; ++w) keep[w] = 0u;
       if (drop_threshold != 0u) {
         const Dropout drop(drop_seed, drop_offset, drop_threshold,
                            static_cast<unsigned>(b * hq + h));
+#pragma unroll
+        for (int w = 0; w < kKeepW; ++w) {
 #pragma unroll 1
-        for (int x = 0; x < QT * 4; ++x) {
-          const int i = cur_m0 + (x >> 2) * 8 + tig * 2 + (x & 1);
-          const int j = n0 + warp * 16 + g + ((x >> 1) & 1) * 8;
-          keep |= ((drop.keep4(i, j >> 2) >> (j & 3)) & 1u) << x;
+          for (int x = w * 32; x < min(w * 32 + 32, kMT1 * QT1 * 4); ++x) {
+            const int i = cur_m0 + q0 + ((x >> 2) % QT1) * 8 + tig * 2 + (x & 1);
+            const int j = n0 + key0 + (x / (QT1 * 4)) * 16 + g + ((x >> 1) & 1) * 8;
+            keep[w] |= ((drop.keep4(i, j >> 2) >> (j & 3)) & 1u) << (x & 31);
+          }
         }
       }
-      const float* lrow = lse2s + buf * BM;
-      const float* drow = deltas + buf * BM;
+      const float* lrow = lse2s + buf * BM + q0;
+      const float* drow = deltas + buf * BM + q0;
 #pragma unroll
-      for (int t = 0; t < QT; ++t) {
+      for (int mt = 0; mt < kMT1; ++mt)
+#pragma unroll
+      for (int t = 0; t < QT1; ++t) {
         const float2 l2 = *reinterpret_cast<const float2*>(lrow + t * 8 + tig * 2);
         const float2 dl = *reinterpret_cast<const float2*>(drow + t * 8 + tig * 2);
 #pragma unroll
@@ -301,14 +332,14 @@ __global__ void __launch_bounds__(NT, 1) tc_bwd_kernel(PORTATTN_BWD_PARAMS(T)) {
           float p;
           if constexpr ((FEAT & 1) == 0) {
             const int ir = t * 8 + (e & 1);
-            p = fast_exp2(fmaf(s[t][e], scale_log2, -lse_e));
-            if (ir < q_lo[e >> 1] || ir >= q_hi[e >> 1]) p = 0.f;
+            p = fast_exp2(fmaf(s[mt][t][e], scale_log2, -lse_e));
+            if (ir < q_lo[mt][e >> 1] || ir >= q_hi[mt][e >> 1]) p = 0.f;
           } else if (interior && !has_mods) {
-            p = fast_exp2(fmaf(s[t][e], scale_log2, -lse_e));
+            p = fast_exp2(fmaf(s[mt][t][e], scale_log2, -lse_e));
           } else {
-            const int i = cur_m0 + t * 8 + tig * 2 + (e & 1);
-            const int j = n0 + warp * 16 + g + (e >> 1) * 8;
-            const float x = s[t][e] * scale_log2;
+            const int i = cur_m0 + q0 + t * 8 + tig * 2 + (e & 1);
+            const int j = n0 + key0 + mt * 16 + g + (e >> 1) * 8;
+            const float x = s[mt][t][e] * scale_log2;
             float sc = x;
             if (has_mods) {
               sc = mods.apply(x, i, j);
@@ -317,50 +348,55 @@ __global__ void __launch_bounds__(NT, 1) tc_bwd_kernel(PORTATTN_BWD_PARAMS(T)) {
             }
             p = fast_exp2(sc - lse_e);
           }
-          float pd = p, dpv = dp[t][e];
+          float pd = p, dpv = dp[mt][t][e];
           if (drop_threshold != 0u) {
-            const bool kept = (keep >> (t * 4 + e)) & 1u;
+            const int bit = (mt * QT1 + t) * 4 + e;
+            const bool kept = (keep[bit / 32] >> (bit % 32)) & 1u;
             pd = kept ? p * drop_scale : 0.f;
             dpv = kept ? dpv * drop_scale : 0.f;
           }
           float ds = p * (dpv - del_e);
           if (has_mods && softcap_log2 > 0.f) {
-            const float th = tanhf(s[t][e] * scale_log2 / softcap_log2);
+            const float th = tanhf(s[mt][t][e] * scale_log2 / softcap_log2);
             ds *= 1.f - th * th;
           }
-          s[t][e] = pd;
-          dp[t][e] = ds;
+          s[mt][t][e] = pd;
+          dp[mt][t][e] = ds;
         }
       }
       // P^T and dS^T as A fragments: n8 tiles 2kn and 2kn+1 of a C are k16 block kn of an A.
-      unsigned pa[BM / 16][4], dsa[BM / 16][4];
+      unsigned pa[kMT1][kQW / 16][4], dsa[kMT1][kQW / 16][4];
 #pragma unroll
-      for (int kn = 0; kn < BM / 16; ++kn) {
-        pa[kn][0] = Pack2<T, ARCH>::run(s[2 * kn][0], s[2 * kn][1]);
-        pa[kn][1] = Pack2<T, ARCH>::run(s[2 * kn][2], s[2 * kn][3]);
-        pa[kn][2] = Pack2<T, ARCH>::run(s[2 * kn + 1][0], s[2 * kn + 1][1]);
-        pa[kn][3] = Pack2<T, ARCH>::run(s[2 * kn + 1][2], s[2 * kn + 1][3]);
-        dsa[kn][0] = Pack2<T, ARCH>::run(dp[2 * kn][0], dp[2 * kn][1]);
-        dsa[kn][1] = Pack2<T, ARCH>::run(dp[2 * kn][2], dp[2 * kn][3]);
-        dsa[kn][2] = Pack2<T, ARCH>::run(dp[2 * kn + 1][0], dp[2 * kn + 1][1]);
-        dsa[kn][3] = Pack2<T, ARCH>::run(dp[2 * kn + 1][2], dp[2 * kn + 1][3]);
-      }
+      for (int mt = 0; mt < kMT1; ++mt)
+#pragma unroll
+        for (int kn = 0; kn < kQW / 16; ++kn)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            const int tt = 2 * kn + (r >> 1), e0 = 2 * (r & 1);
+            pa[mt][kn][r] = Pack2<T, ARCH>::run(s[mt][tt][e0], s[mt][tt][e0 + 1]);
+            dsa[mt][kn][r] = Pack2<T, ARCH>::run(dp[mt][tt][e0], dp[mt][tt][e0 + 1]);
+          }
       if (k2D || dq_accum != nullptr) {
-        // dS^T rows g and g+8 of this warp's keys; one 32-bit word per query pair, and the
-        // padded row length (BM+8 elements) puts the warp's 32 words on 32 banks.
-        unsigned* row0 = reinterpret_cast<unsigned*>(dSt + (warp * 16 + g) * LS + tig * 2);
-        unsigned* prow0 = reinterpret_cast<unsigned*>(Pt + (warp * 16 + g) * LS + tig * 2);
+        // dS^T (and with pairs P^T) rows g and g+8 of this warp's key blocks; one 32-bit word
+        // per query pair, and the padded row length (BM+8 elements) puts the warp's 32 words
+        // on 32 banks.
 #pragma unroll
-        for (int kn = 0; kn < BM / 16; ++kn) {
-          row0[kn * 8] = dsa[kn][0];
-          row0[kn * 8 + 4 * LS] = dsa[kn][1];
-          row0[kn * 8 + 4] = dsa[kn][2];
-          row0[kn * 8 + 4 + 4 * LS] = dsa[kn][3];
-          if constexpr (k2D) {
-            prow0[kn * 8] = pa[kn][0];
-            prow0[kn * 8 + 4 * LS] = pa[kn][1];
-            prow0[kn * 8 + 4] = pa[kn][2];
-            prow0[kn * 8 + 4 + 4 * LS] = pa[kn][3];
+        for (int mt = 0; mt < kMT1; ++mt) {
+          const int off = (key0 + mt * 16 + g) * LS + q0 + tig * 2;
+          unsigned* row0 = reinterpret_cast<unsigned*>(dSt + off);
+          unsigned* prow0 = reinterpret_cast<unsigned*>(Pt + off);
+#pragma unroll
+          for (int kn = 0; kn < kQW / 16; ++kn) {
+            row0[kn * 8] = dsa[mt][kn][0];
+            row0[kn * 8 + 4 * LS] = dsa[mt][kn][1];
+            row0[kn * 8 + 4] = dsa[mt][kn][2];
+            row0[kn * 8 + 4 + 4 * LS] = dsa[mt][kn][3];
+            if constexpr (k2D) {
+              prow0[kn * 8] = pa[mt][kn][0];
+              prow0[kn * 8 + 4 * LS] = pa[mt][kn][1];
+              prow0[kn * 8 + 4] = pa[mt][kn][2];
+              prow0[kn * 8 + 4 + 4 * LS] = pa[mt][kn][3];
+            }
           }
         }
       }
@@ -399,11 +435,11 @@ __global__ void __launch_bounds__(NT, 1) tc_bwd_kernel(PORTATTN_BWD_PARAMS(T)) {
         for (int dd = 0; dd < D / 16; ++dd) {
           unsigned ob[4], qb[4];
           ldsm_x4_trans(ob, qt_lane + kdOOff + kn * 16 * kRowBytes + dd * 16 * sizeof(T));
-          Mma::k16(dva[0][2 * dd], pa[kn], ob[0], ob[kT1]);
-          Mma::k16(dva[0][2 * dd + 1], pa[kn], ob[kT2], ob[3]);
+          Mma::k16(dva[0][2 * dd], pa[0][kn], ob[0], ob[kT1]);
+          Mma::k16(dva[0][2 * dd + 1], pa[0][kn], ob[kT2], ob[3]);
           ldsm_x4_trans(qb, qt_lane + kn * 16 * kRowBytes + dd * 16 * sizeof(T));
-          Mma::k16(dka[0][2 * dd], dsa[kn], qb[0], qb[kT1]);
-          Mma::k16(dka[0][2 * dd + 1], dsa[kn], qb[kT2], qb[3]);
+          Mma::k16(dka[0][2 * dd], dsa[0][kn], qb[0], qb[kT1]);
+          Mma::k16(dka[0][2 * dd + 1], dsa[0][kn], qb[kT2], qb[3]);
         }
       }
       }
