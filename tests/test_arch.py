@@ -690,14 +690,15 @@ def test_tc_bwd_tile_fits_shape_rules_registers_and_smem(cc, d):
     # With score modifiers the tighter budget applies (their builds spill sooner on sm_75).
     mods = select_bwd_plan(dev, Problem(dtype="float16", head_dim=d, alibi=True)).spec("dkdv")
     assert mods.feat & FEAT_MODS and tc_bwd_est_regs(mods.block_m, d) <= TC_BWD_MAX_EST_REGS[mma]
-    assert mods.block_m <= s.block_m
-    # Warp pairs on sm_80+ from d96 where their P^T buffer fits; the same choice either way.
+    assert mods.block_m <= s.block_m and (mods.feat & FEAT_PAIRS or not mods.block_m >= 128)
+    # Warp pairs on sm_80+ from d128 (64-query tiles) or on 128-query tiles, where their
+    # P^T buffer fits.
     pairs = bool(s.feat & FEAT_PAIRS)
-    assert pairs == bool(mods.feat & FEAT_PAIRS)
     paired = dataclasses.replace(s, feat=s.feat | FEAT_PAIRS)
-    assert pairs == (tc_bwd_pairs_ok(mma, s.threads, d)
+    assert pairs == (tc_bwd_pairs_ok(mma, s.block_m, s.threads, d)
                      and paired.smem_bytes <= dev.smem_per_block)
-    if mma >= 80 and d >= 96:
+    assert pairs or s.block_m < 128
+    if mma >= 80 and d >= 128:
         assert pairs or "without warp pairs" in plan.reason, plan.describe()
     assert ("warp pairs share 32 keys" in plan.reason) == pairs
     assert (d, s.block_m, s.block_n, s.threads) not in TC_BWD_SPILLED
@@ -791,10 +792,18 @@ def test_tc_bwd_pairs_cost_p_buffer_and_follow_the_shape_rules():
     two = dataclasses.replace(one, feat=FEAT_PAIRS)
     assert two.smem_bytes - one.smem_bytes == 2 * 128 * (64 + 8)   # P^T, BN x (BM + 8)
     assert two.short().endswith("/pairs") and ", 2>" in two.name_expression
-    assert tc_bwd_pairs_ok(80, 256, 128) and tc_bwd_pairs_ok(80, 128, 96)
-    assert not tc_bwd_pairs_ok(75, 256, 128)    # Turing keeps the 1-D split
-    assert not tc_bwd_pairs_ok(80, 256, 64)     # measured slower at d64
-    assert not tc_bwd_pairs_ok(80, 32 * 3, 128)  # an odd warp count has no pairs
+    assert tc_bwd_pairs_ok(80, 64, 256, 128) and tc_bwd_pairs_ok(80, 128, 256, 64)
+    assert not tc_bwd_pairs_ok(75, 64, 256, 128)    # Turing keeps the 1-D split
+    assert not tc_bwd_pairs_ok(80, 64, 256, 64)     # 64-query tiles: slower at d64, d96
+    assert not tc_bwd_pairs_ok(80, 64, 128, 96)
+    assert not tc_bwd_pairs_ok(80, 64, 32 * 3, 128)  # an odd warp count has no pairs
+    # The H100 runs d64 on the 128-query pair tile without score modifiers (with them it
+    # spilled) and d128 on 64x128 with pairs.
+    d64 = select_bwd_plan(device_from_arch(90), Problem(dtype="float16", head_dim=64))
+    assert (d64.spec("dkdv").block_m, d64.spec("dkdv").feat) == (128, FEAT_PAIRS)
+    d64m = select_bwd_plan(device_from_arch(90), Problem(dtype="float16", head_dim=64,
+                                                         alibi=True))
+    assert (d64m.spec("dkdv").block_m, d64m.spec("dkdv").feat) == (64, FEAT_MODS)
     # A100's 163 KB/block cannot hold d128 64x128 with P^T: the same tile, unpaired.
     a100 = select_bwd_plan(device_from_arch(80), Problem(dtype="float16", head_dim=128))
     assert a100.spec("dkdv") == one and "without warp pairs" in a100.reason
