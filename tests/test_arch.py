@@ -691,17 +691,17 @@ def test_tc_bwd_tile_fits_shape_rules_registers_and_smem(cc, d):
     mods = select_bwd_plan(dev, Problem(dtype="float16", head_dim=d, alibi=True)).spec("dkdv")
     assert mods.feat & FEAT_MODS and tc_bwd_est_regs(mods.block_m, d) <= TC_BWD_MAX_EST_REGS[mma]
     assert mods.block_m <= s.block_m and (mods.feat & FEAT_PAIRS or not mods.block_m >= 128)
-    # Warp pairs on sm_80+ from d128 (64-query tiles) or on 128-query tiles, where their
+    # Warp pairs on sm_80+ from d96 (64-query tiles) or on 128-query tiles, where their
     # P^T buffer fits.
     pairs = bool(s.feat & FEAT_PAIRS)
     paired = dataclasses.replace(s, feat=s.feat | FEAT_PAIRS)
     assert pairs == (tc_bwd_pairs_ok(mma, s.block_m, s.threads, d)
                      and paired.smem_bytes <= dev.smem_per_block)
     assert pairs or s.block_m < 128
-    if mma >= 80 and d >= 128:
+    if mma >= 80 and d >= 96:
         assert pairs or "without warp pairs" in plan.reason, plan.describe()
     assert ("warp pairs share 32 keys" in plan.reason) == pairs
-    assert (d, s.block_m, s.block_n, s.threads) not in TC_BWD_SPILLED
+    assert (d, s.block_m, s.block_n, s.threads, pairs) not in TC_BWD_SPILLED
     assert s.smem_bytes <= dev.smem_per_block and "keys" in plan.reason
     rows = plan.spec("pre")
     assert rows == plan.spec("cvt") and (rows.family, rows.block_m, rows.mma) == ("tc_bwd", 0, mma)
@@ -794,8 +794,8 @@ def test_tc_bwd_pairs_cost_p_buffer_and_follow_the_shape_rules():
     assert two.short().endswith("/pairs") and ", 2>" in two.name_expression
     assert tc_bwd_pairs_ok(80, 64, 256, 128) and tc_bwd_pairs_ok(80, 128, 256, 64)
     assert not tc_bwd_pairs_ok(75, 64, 256, 128)    # Turing keeps the 1-D split
-    assert not tc_bwd_pairs_ok(80, 64, 256, 64)     # 64-query tiles: slower at d64, d96
-    assert not tc_bwd_pairs_ok(80, 64, 128, 96)
+    assert not tc_bwd_pairs_ok(80, 64, 256, 64)     # 64-query tiles: slower at d64
+    assert tc_bwd_pairs_ok(80, 64, 128, 96)
     assert not tc_bwd_pairs_ok(80, 64, 32 * 3, 128)  # an odd warp count has no pairs
     # The H100 runs d64 on the 128-query pair tile without score modifiers (with them it
     # spilled) and d128 on 64x128 with pairs.

@@ -137,12 +137,12 @@ def tc_bwd_budget(mma: int, score_mods: bool) -> int:
     return (TC_BWD_MAX_EST_REGS if score_mods else TC_BWD_MAX_EST_REGS_PLAIN)[mma]
 # d160 (32x64, est 192) spilled 52-72 bytes on sm_80/86 with one 16-key block per warp.
 TC_BWD_MAX_HEAD_DIM = 128
-# (head dim, block_m, block_n, threads) within the estimate that ptxas still spilled
-# (NVRTC 12.9, sm_80): d96 64x128 (dQ in 16-column chunks of 48 per warp), 4-8 bytes; sm_90
-# with pairs: d32 128x128, 12 bytes.
-TC_BWD_SPILLED = {(96, 64, 128, 256), (32, 128, 128, 256)}
+# (head dim, block_m, block_n, threads, pairs) within the estimate that ptxas still spilled
+# (NVRTC 12.9): sm_80 d96 64x128 without pairs (dQ in 16-column chunks of 48 per warp), 4-8
+# bytes; sm_90 d32 128x128 with pairs, 12 bytes.
+TC_BWD_SPILLED = {(96, 64, 128, 256, False), (32, 128, 128, 256, True)}
 # The same with FEAT_MODS (the plain build fits): d64 128x128 with pairs, 212 bytes on sm_90.
-TC_BWD_SPILLED_MODS = {(64, 128, 128, 256)}
+TC_BWD_SPILLED_MODS = {(64, 128, 128, 256, True)}
 # MMA policy per forward path name, in preference order; what each path needs of the
 # hardware and which dtypes it takes are the forward's (arch.plan.PATHS).
 TC_BWD_POLICIES = {"sm80": 80, "sm75": 75, "sm70": 70}
@@ -170,10 +170,11 @@ def tc_bwd_tile_ok(bm: int, bn: int, threads: int, d: int) -> bool:
 
 
 # Warp pairs (FEAT_PAIRS) on 64-query tiles from this head dim up: fwd+bwd on the H100
-# (same-process A/B, alternating order) gained 1-6% at d128 and lost 1-4% at d64 (where K and
-# V fragments stay in registers) and 0-3% at d96 (benchmarks/NOTES.md, seventh session).
+# (same-process A/B, alternating order), with S^T / dP^T split across the pair as well, gained
+# 3-7% at d128 (64x128) and 8-19% at d96 (64x128, which spilled unpaired); at d64 pairs lost
+# 1-4% (K and V fragments stay in registers there) (benchmarks/NOTES.md, seventh session).
 # 128-query tiles always take them.
-TC_BWD_PAIRS_MIN_HEAD_DIM = 128
+TC_BWD_PAIRS_MIN_HEAD_DIM = 96
 
 
 def tc_bwd_pairs_ok(mma: int, bm: int, threads: int, d: int) -> bool:
@@ -192,15 +193,16 @@ def _plan_tc_bwd(device: DeviceInfo, problem: Problem, mma: int):
                       f"registers per thread before S and dP (budget {budget})")
     mods = FEAT_MODS if problem.score_mods else 0
     for bm, bn, threads in TC_BWD_TILES:
-        if (not tc_bwd_tile_ok(bm, bn, threads, d) or tc_bwd_est_regs(bm, d) > budget
-                or (d, bm, bn, threads) in TC_BWD_SPILLED
-                or (mods and (d, bm, bn, threads) in TC_BWD_SPILLED_MODS)):
+        if not tc_bwd_tile_ok(bm, bn, threads, d) or tc_bwd_est_regs(bm, d) > budget:
             continue
         # Warp pairs where they apply (they need P^T's shared memory too), else the same tile
         # without them; 128-query tiles only with them.
         pairs = tc_bwd_pairs_ok(mma, bm, threads, d)
         feats = (mods | FEAT_PAIRS, mods) if pairs else (mods,)
         for feat in feats[:1] if bm >= 128 and pairs else feats if bm < 128 else ():
+            key = (d, bm, bn, threads, bool(feat & FEAT_PAIRS))
+            if key in TC_BWD_SPILLED or (mods and key in TC_BWD_SPILLED_MODS):
+                continue
             spec = KernelSpec("tc_bwd", problem.dtype, d, bm, bn, threads, mma=mma, feat=feat)
             smem = spec.smem_bytes
             if smem > device.smem_per_block:

@@ -79,20 +79,23 @@ __global__ void __launch_bounds__(NT, 1) tc_bwd_kernel(PORTATTN_BWD_PARAMS(T)) {
     // owns keys 32 (w % (NW / 2)) .. +31 and half the head dim (w / (NW / 2)), with P^T and
     // dS^T read back from shared memory, so each warp streams half of dO and Q per query
     // tile instead of all of it (per warp and tile, d128: 48 ldmatrix instead of 64).
-    // fwd+bwd on the H100: d128 +1-6%; on 64-query tiles d96 lost 0-3% and d64 1-4% (there K
-    // and V sit in registers and dV, dK's A operands came from registers too), so the plan
-    // pairs 64-query tiles from d128 only (plan_bwd.TC_BWD_PAIRS_MIN_HEAD_DIM).
+    // Alone (S^T unsplit) it measured fwd+bwd d128 +1-6%, d96 -0-3% and d64 -1-4% on the H100
+    // (at d64 K and V fragments sit in registers and dV, dK's A operands came from registers
+    // too); with the split below, the plan pairs 64-query tiles from d96
+    // (plan_bwd.TC_BWD_PAIRS_MIN_HEAD_DIM) and d64 on 128-query tiles only.
     constexpr bool k2D = (FEAT & 2) != 0;
     static_assert(!k2D || (ARCH >= 80 && NW % 2 == 0 && (D / 2) % 16 == 0), "pairs");
     constexpr int kMT = k2D ? 2 : 1;           // m16 key tiles per warp in dK / dV
     constexpr int kDT = k2D ? D / 16 : D / 8;  // n8 head-dim tiles per warp in dK / dV
-    // Pairs with 128-query tiles split S^T and dP^T the same way (FA2's 2-D split): warp w
-    // computes its dK / dV keys against queries BM/2 (w / (NW / 2)) .. + BM/2 - 1, loading two
-    // K / V blocks and half of Q and dO per k16 step (12 ldmatrix per 32 MMAs where 16 keys
-    // x 128 queries took 18), and 128 query rows per step halve the steps and barriers.
-    // K and V stay in shared memory here (their fragments would not fit next to S^T / dP^T
-    // of 64 queries). d64 128x128 against 64x128 unpaired: fwd+bwd +8-11% on the H100.
-    constexpr bool kS2D = k2D && BM >= 128;
+    // With pairs, S^T and dP^T split the same way (FA2's 2-D split): warp w computes its
+    // dK / dV keys against queries BM/2 (w / (NW / 2)) .. + BM/2 - 1, loading two K / V blocks
+    // and half of Q and dO per k16 step (for 128 queries, 12 ldmatrix per 32 MMAs where 16
+    // keys x 128 queries took 18), and 128-query tiles halve the steps and barriers. K and V
+    // stay in shared memory here (their fragments would not fit next to S^T and dP^T).
+    // fwd+bwd on the H100 against the unsplit form: d64 128x128 (vs 64x128 unpaired) +8-11%,
+    // d96 64x128 (vs 64x64 unpaired) +9-19%, d128 64x128 +4-8%; forced sm_86 d96 64x64 and
+    // d128 32x64 +2-5%. Not with score modifiers at d >= 96: d128 64x128 spilled 4 bytes.
+    constexpr bool kS2D = k2D && (BM >= 128 || (D >= 96 && (FEAT & 1) == 0));
     constexpr int kMT1 = kS2D ? 2 : 1;         // m16 key tiles per warp in S^T / dP^T
     constexpr int kQW = kS2D ? BM / 2 : BM;    // queries per warp in S^T / dP^T
     constexpr int QT1 = kQW / 8;
