@@ -239,6 +239,12 @@ struct ScoreMods {
     hi = win_left >= 0 ? min(sq, j - diag_off + win_left + 1) : sq;
     if (j >= sk) hi = lo;
   }
+  // A log2-domain score as the backward kernels' masked tiles take it: modified where the
+  // call has modifiers, else kept or -inf by the mask.
+  __device__ __forceinline__ float masked(float s, int i, int j, bool has_mods) const {
+    if (has_mods) return apply(s, i, j);
+    return visible(i, j) ? s : neg_inf();
+  }
   __device__ __forceinline__ float apply(float s, int i, int j) const {
     if (!visible(i, j)) return neg_inf();
     if (softcap_log2 > 0.f) s = softcap_log2 * tanhf(s / softcap_log2);

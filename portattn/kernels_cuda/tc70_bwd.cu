@@ -190,15 +190,8 @@ __global__ void __launch_bounds__(NT, 1) tc70_bwd_kernel(PORTATTN_BWD_PARAMS(T))
           p = fast_exp2(fmaf(s[j][x], scale_log2, -lse_x));
           if (iq < q_lo[e] || iq >= q_hi[e]) p = 0.f;
         } else {
-          const float sx = s[j][x] * scale_log2;
           const int i = cur_m0 + qcol + iq, jk = n0 + key_c[e];
-          float sc = sx;
-          if (has_mods) {
-            sc = mods.apply(sx, i, jk);
-          } else if (!mods.visible(i, jk)) {
-            sc = neg_inf();
-          }
-          p = fast_exp2(sc - lse_x);
+          p = fast_exp2(mods.masked(s[j][x] * scale_log2, i, jk, has_mods) - lse_x);
         }
         float pd = p, dpv = dp[j][x];
         if (drop_threshold != 0u) {

@@ -342,14 +342,7 @@ __global__ void __launch_bounds__(NT, 1) tc_bwd_kernel(PORTATTN_BWD_PARAMS(T)) {
           } else {
             const int i = cur_m0 + q0 + t * 8 + tig * 2 + (e & 1);
             const int j = n0 + key0 + mt * 16 + g + (e >> 1) * 8;
-            const float x = s[mt][t][e] * scale_log2;
-            float sc = x;
-            if (has_mods) {
-              sc = mods.apply(x, i, j);
-            } else if (!mods.visible(i, j)) {
-              sc = neg_inf();
-            }
-            p = fast_exp2(sc - lse_e);
+            p = fast_exp2(mods.masked(s[mt][t][e] * scale_log2, i, j, has_mods) - lse_e);
           }
           float pd = p, dpv = dp[mt][t][e];
           if (drop_threshold != 0u) {
