@@ -804,6 +804,14 @@ def test_tc_bwd_pairs_cost_p_buffer_and_follow_the_shape_rules():
     d64m = select_bwd_plan(device_from_arch(90), Problem(dtype="float16", head_dim=64,
                                                          alibi=True))
     assert (d64m.spec("dkdv").block_m, d64m.spec("dkdv").feat) == (64, FEAT_MODS)
+    # S^T / dP^T split across the pair (kS2D): 128-query tiles, and plain builds from d96.
+    from portattn.arch.plan_bwd import tc_bwd_splits_s
+    for d, mods, split in ((64, False, True), (96, False, True), (96, True, False),
+                           (128, False, True), (128, True, False)):
+        plan = select_bwd_plan(device_from_arch(90), Problem(dtype="float16", head_dim=d,
+                                                             alibi=mods))
+        assert tc_bwd_splits_s(plan.spec("dkdv")) == split, (d, mods)
+        assert ("S^T and dP^T split across the pair" in plan.reason) == split
     # A100's 163 KB/block cannot hold d128 64x128 with P^T: the same tile, unpaired.
     a100 = select_bwd_plan(device_from_arch(80), Problem(dtype="float16", head_dim=128))
     assert a100.spec("dkdv") == one and "without warp pairs" in a100.reason

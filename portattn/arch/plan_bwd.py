@@ -184,6 +184,13 @@ def tc_bwd_pairs_ok(mma: int, bm: int, threads: int, d: int) -> bool:
             and (bm >= 128 or d >= TC_BWD_PAIRS_MIN_HEAD_DIM))
 
 
+def tc_bwd_splits_s(spec: KernelSpec) -> bool:
+    """tc_bwd.cu's kS2D: warp pairs split S^T and dP^T too, on 128-query tiles and, in plain
+    builds (with score modifiers d128 spilled), from d96."""
+    return bool(spec.feat & FEAT_PAIRS) and (
+        spec.block_m >= 128 or (spec.head_dim >= 96 and not spec.feat & FEAT_MODS))
+
+
 def _plan_tc_bwd(device: DeviceInfo, problem: Problem, mma: int):
     d = head_dim_bucket(problem.head_dim)
     lim = f"{device.smem_per_block // 1024} KB/block, {device.smem_per_sm // 1024} KB/SM"
@@ -198,8 +205,11 @@ def _plan_tc_bwd(device: DeviceInfo, problem: Problem, mma: int):
         # Warp pairs where they apply (they need P^T's shared memory too), else the same tile
         # without them; 128-query tiles only with them.
         pairs = tc_bwd_pairs_ok(mma, bm, threads, d)
-        feats = (mods | FEAT_PAIRS, mods) if pairs else (mods,)
-        for feat in feats[:1] if bm >= 128 and pairs else feats if bm < 128 else ():
+        if bm >= 128:
+            feats = (mods | FEAT_PAIRS,) if pairs else ()
+        else:
+            feats = (mods | FEAT_PAIRS, mods) if pairs else (mods,)
+        for feat in feats:
             key = (d, bm, bn, threads, bool(feat & FEAT_PAIRS))
             if key in TC_BWD_SPILLED or (mods and key in TC_BWD_SPILLED_MODS):
                 continue
@@ -213,8 +223,9 @@ def _plan_tc_bwd(device: DeviceInfo, problem: Problem, mma: int):
                    f"{threads // 32} warps of 16 keys")
             unpaired = (f"; without warp pairs: their P^T buffer would exceed {lim}"
                         if pairs and not feat & FEAT_PAIRS else "")
-            if bm >= 128:
-                how += ", and S^T and dP^T split across the pair (32 keys x 64 queries each)"
+            if tc_bwd_splits_s(spec):
+                how += (f", and S^T and dP^T split across the pair (32 keys x {bm // 2} "
+                        f"queries each)")
             return (spec, smem, ctas), (
                 f"{bm}x{bn} tile, {how}: the first in TC_BWD_TILES "
                 f"(largest key tile first: fewer Q/dO re-reads and dQ atomics per key) within "
