@@ -22,6 +22,8 @@
 //   dQ  += dS K         needs every warp's keys: dS^T goes to shared memory (16-bit) and
 //                       each warp multiplies a 16-row block of it (ldmatrix.trans) by K
 //                       (ldmatrix.trans), then adds to dq_accum with fp32 atomics.
+// With warp pairs (FEAT_PAIRS, sm_80+; see k2D and kS2D below) warps own 32 keys x D/2 of dK
+// and dV instead, P^T joins dS^T in shared memory, and S^T / dP^T split across the pair.
 // Q is not pre-scaled (S is raw q.k, the scale folded into exp2's FFMA), so
 // dK = scale * dS^T Q and dQ = scale * dS K: the scale is applied once at the end (dK) and
 // by the cvt stage (dQ), as simt_bwd.cu does.
@@ -29,7 +31,7 @@
 // Shared memory (input type, rows padded by 8 elements so the 8 rows one ldmatrix reads
 // sit in 8 different 16-byte bank groups): K, V [BN][D+8]; Q, dO [NBUF][BM][D+8] (NBUF 2 on
 // sm_80+: the next query tile streams in by cp.async during this one's products); dS^T
-// [BN][BM+8]; lse2 and delta [NBUF][BM] fp32.
+// [BN][BM+8] and, with pairs, P^T [BN][BM+8]; lse2 and delta [NBUF][BM] fp32.
 #include "tc_common.cuh"
 
 namespace portattn {
@@ -44,7 +46,6 @@ __global__ void __launch_bounds__(NT, 1) tc_bwd_kernel(PORTATTN_BWD_PARAMS(T)) {
     bwd_row_stage<T, NT>(PORTATTN_BWD_ARGS);
   } else {
     constexpr int NW = NT / 32;
-    constexpr int DT = D / 8;            // n8 tiles of dK / dV per warp
     constexpr int LD = D + 8, LS = BM + 8;
     constexpr bool kAsync = ARCH >= 80;
     constexpr int NBUF = kAsync ? 2 : 1;
@@ -71,10 +72,6 @@ __global__ void __launch_bounds__(NT, 1) tc_bwd_kernel(PORTATTN_BWD_PARAMS(T)) {
     // results (its k16 step is two MMAs) to spill at 255 registers (d64 64x64, d128 32x64);
     // rolled, it fits. Ampere+ unrolls it fully with no spills.
     constexpr int kUnroll = ARCH >= 80 ? D / 16 : 1;
-    // d <= 64 on Ampere+: this warp's K and V A fragments (2 x D/16 x 4 registers) stay in
-    // registers for the whole kernel instead of being re-read from shared memory for every
-    // query tile (shared-memory bandwidth is what bounds this kernel).
-    constexpr bool kKVRegs = ARCH >= 80 && D <= 64 && !(FEAT & 2 && BM >= 128);
     // FEAT bit 1 (spec.FEAT_PAIRS, Ampere+): dV and dK are accumulated by warp pairs: warp w
     // owns keys 32 (w % (NW / 2)) .. +31 and half the head dim (w / (NW / 2)), with P^T and
     // dS^T read back from shared memory, so each warp streams half of dO and Q per query
@@ -100,6 +97,10 @@ __global__ void __launch_bounds__(NT, 1) tc_bwd_kernel(PORTATTN_BWD_PARAMS(T)) {
     constexpr int kQW = kS2D ? BM / 2 : BM;    // queries per warp in S^T / dP^T
     constexpr int QT1 = kQW / 8;
     constexpr int kKeepW = (kMT1 * QT1 * 4 + 31) / 32;
+    // d <= 64 on Ampere+: this warp's K and V A fragments (2 x D/16 x 4 registers) stay in
+    // registers for the whole kernel instead of being re-read from shared memory for every
+    // query tile (shared-memory bandwidth is what bounds this kernel).
+    constexpr bool kKVRegs = ARCH >= 80 && D <= 64 && !kS2D;
 
     if (stage != 1) return;  // a tile spec runs only the dK/dV (+ atomic dQ) stage
 
