@@ -724,7 +724,8 @@ def test_volta_bwd_runs_m8n8k4_tiles_within_rules(cc, d):
         assert tc_bwd_est_regs(s.block_m, d) <= TC70_BWD_MAX_EST_REGS
         assert s.smem_bytes <= dev.smem_per_block and plan.ctas_per_sm >= 2, plan.describe()
         rows = plan.spec("pre")
-        assert rows == plan.spec("cvt") and (rows.family, rows.block_m, rows.mma) == ("tc_bwd", 0, 70)
+        assert rows == plan.spec("cvt")
+        assert (rows.family, rows.block_m, rows.mma) == ("tc_bwd", 0, 70)
         assert plan.spec("dq").family == "simt_bwd"
         rej = dict(plan.rejected)
         assert "needs mma.m16n8k8" in rej["sm75"] and "lower preference than sm70" in rej["simt"]

@@ -45,7 +45,8 @@ class GateRow:
 
     def line(self) -> str:
         s = self.spec
-        var = "+".join(["mods"] * bool(s.feat & FEAT_MODS) + ["pairs"] * bool(s.feat & FEAT_PAIRS) +
+        var = "+".join(["mods"] * bool(s.feat & FEAT_MODS) +
+                       ["pairs"] * bool(s.feat & FEAT_PAIRS) +
                        [f"min{s.min_ctas}"] * (s.min_ctas > 1)) or "-"
         return (f"sm_{self.cc:<3} {s.family:9} {s.dtype:9} d{s.head_dim:<4} "
                 f"{s.block_m:>3}x{s.block_n:<3} {var:9} {s.threads:>4} {self.regs:>5} "

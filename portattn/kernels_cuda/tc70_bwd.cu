@@ -80,7 +80,8 @@ __global__ void __launch_bounds__(NT, 1) tc70_bwd_kernel(PORTATTN_BWD_PARAMS(T))
   const int key_a = warp * 16 + kh * 8 + ((t + 4 * hi) ^ (4 * kh));
   int key_c[2];
 #pragma unroll
-  for (int e = 0; e < 2; ++e) key_c[e] = warp * 16 + kh * 8 + (((t & 1) + 2 * e + 4 * hi) ^ (4 * kh));
+  for (int e = 0; e < 2; ++e)
+    key_c[e] = warp * 16 + kh * 8 + (((t & 1) + 2 * e + 4 * hi) ^ (4 * kh));
 
   const T* kbase = k + span.k_at(b, k_sb, k_ss) + hk * k_sh;
   const T* vbase = v + span.k_at(b, v_sb, v_ss) + hk * v_sh;

@@ -326,41 +326,41 @@ __global__ void __launch_bounds__(NT, 1) tc_bwd_kernel(PORTATTN_BWD_PARAMS(T)) {
 #pragma unroll
       for (int mt = 0; mt < kMT1; ++mt)
 #pragma unroll
-      for (int t = 0; t < QT1; ++t) {
-        const float2 l2 = *reinterpret_cast<const float2*>(lrow + t * 8 + tig * 2);
-        const float2 dl = *reinterpret_cast<const float2*>(drow + t * 8 + tig * 2);
+        for (int t = 0; t < QT1; ++t) {
+          const float2 l2 = *reinterpret_cast<const float2*>(lrow + t * 8 + tig * 2);
+          const float2 dl = *reinterpret_cast<const float2*>(drow + t * 8 + tig * 2);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float lse_e = (e & 1) ? l2.y : l2.x;
-          const float del_e = (e & 1) ? dl.y : dl.x;
-          float p;
-          if constexpr ((FEAT & 1) == 0) {
-            const int ir = t * 8 + (e & 1);
-            p = fast_exp2(fmaf(s[mt][t][e], scale_log2, -lse_e));
-            if (ir < q_lo[mt][e >> 1] || ir >= q_hi[mt][e >> 1]) p = 0.f;
-          } else if (interior && !has_mods) {
-            p = fast_exp2(fmaf(s[mt][t][e], scale_log2, -lse_e));
-          } else {
-            const int i = cur_m0 + q0 + t * 8 + tig * 2 + (e & 1);
-            const int j = n0 + key0 + mt * 16 + g + (e >> 1) * 8;
-            p = fast_exp2(mods.masked(s[mt][t][e] * scale_log2, i, j, has_mods) - lse_e);
+          for (int e = 0; e < 4; ++e) {
+            const float lse_e = (e & 1) ? l2.y : l2.x;
+            const float del_e = (e & 1) ? dl.y : dl.x;
+            float p;
+            if constexpr ((FEAT & 1) == 0) {
+              const int ir = t * 8 + (e & 1);
+              p = fast_exp2(fmaf(s[mt][t][e], scale_log2, -lse_e));
+              if (ir < q_lo[mt][e >> 1] || ir >= q_hi[mt][e >> 1]) p = 0.f;
+            } else if (interior && !has_mods) {
+              p = fast_exp2(fmaf(s[mt][t][e], scale_log2, -lse_e));
+            } else {
+              const int i = cur_m0 + q0 + t * 8 + tig * 2 + (e & 1);
+              const int j = n0 + key0 + mt * 16 + g + (e >> 1) * 8;
+              p = fast_exp2(mods.masked(s[mt][t][e] * scale_log2, i, j, has_mods) - lse_e);
+            }
+            float pd = p, dpv = dp[mt][t][e];
+            if (drop_threshold != 0u) {
+              const int bit = (mt * QT1 + t) * 4 + e;
+              const bool kept = (keep[bit / 32] >> (bit % 32)) & 1u;
+              pd = kept ? p * drop_scale : 0.f;
+              dpv = kept ? dpv * drop_scale : 0.f;
+            }
+            float ds = p * (dpv - del_e);
+            if (has_mods && softcap_log2 > 0.f) {
+              const float th = tanhf(s[mt][t][e] * scale_log2 / softcap_log2);
+              ds *= 1.f - th * th;
+            }
+            s[mt][t][e] = pd;
+            dp[mt][t][e] = ds;
           }
-          float pd = p, dpv = dp[mt][t][e];
-          if (drop_threshold != 0u) {
-            const int bit = (mt * QT1 + t) * 4 + e;
-            const bool kept = (keep[bit / 32] >> (bit % 32)) & 1u;
-            pd = kept ? p * drop_scale : 0.f;
-            dpv = kept ? dpv * drop_scale : 0.f;
-          }
-          float ds = p * (dpv - del_e);
-          if (has_mods && softcap_log2 > 0.f) {
-            const float th = tanhf(s[mt][t][e] * scale_log2 / softcap_log2);
-            ds *= 1.f - th * th;
-          }
-          s[mt][t][e] = pd;
-          dp[mt][t][e] = ds;
         }
-      }
       // P^T and dS^T as A fragments: n8 tiles 2kn and 2kn+1 of a C are k16 block kn of an A.
       unsigned pa[kMT1][kQW / 16][4], dsa[kMT1][kQW / 16][4];
 #pragma unroll
@@ -427,18 +427,18 @@ __global__ void __launch_bounds__(NT, 1) tc_bwd_kernel(PORTATTN_BWD_PARAMS(T)) {
         }
       } else {
 #pragma unroll
-      for (int kn = 0; kn < BM / 16; ++kn) {
+        for (int kn = 0; kn < BM / 16; ++kn) {
 #pragma unroll
-        for (int dd = 0; dd < D / 16; ++dd) {
-          unsigned ob[4], qb[4];
-          ldsm_x4_trans(ob, qt_lane + kdOOff + kn * 16 * kRowBytes + dd * 16 * sizeof(T));
-          Mma::k16(dva[0][2 * dd], pa[0][kn], ob[0], ob[kT1]);
-          Mma::k16(dva[0][2 * dd + 1], pa[0][kn], ob[kT2], ob[3]);
-          ldsm_x4_trans(qb, qt_lane + kn * 16 * kRowBytes + dd * 16 * sizeof(T));
-          Mma::k16(dka[0][2 * dd], dsa[0][kn], qb[0], qb[kT1]);
-          Mma::k16(dka[0][2 * dd + 1], dsa[0][kn], qb[kT2], qb[3]);
+          for (int dd = 0; dd < D / 16; ++dd) {
+            unsigned ob[4], qb[4];
+            ldsm_x4_trans(ob, qt_lane + kdOOff + kn * 16 * kRowBytes + dd * 16 * sizeof(T));
+            Mma::k16(dva[0][2 * dd], pa[0][kn], ob[0], ob[kT1]);
+            Mma::k16(dva[0][2 * dd + 1], pa[0][kn], ob[kT2], ob[3]);
+            ldsm_x4_trans(qb, qt_lane + kn * 16 * kRowBytes + dd * 16 * sizeof(T));
+            Mma::k16(dka[0][2 * dd], dsa[0][kn], qb[0], qb[kT1]);
+            Mma::k16(dka[0][2 * dd + 1], dsa[0][kn], qb[kT2], qb[3]);
+          }
         }
-      }
       }
 
       if (dq_accum != nullptr) {
