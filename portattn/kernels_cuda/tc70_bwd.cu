@@ -210,25 +210,12 @@ __global__ void __launch_bounds__(NT, 1) tc70_bwd_kernel(PORTATTN_BWD_PARAMS(T))
       }
     }
 
-    // P^T and dS^T as A operands: lane t keeps key row t + 4h (its C row e = t >> 1) and
-    // trades the other row's values with lane t ^ 2, which holds the other four queries.
+    // P^T and dS^T as A operands: lane t then holds key row t + 4h's 8 queries per n8 tile.
     unsigned pa[QT][4], dsa[QT][4];
-    auto to_a = [&](unsigned (&a)[4], const float (&c)[8]) {
-      const unsigned r0a = Pack2<T, ARCH>::run(c[0], c[1]);   // row e0, queries c0, c0 + 1
-      const unsigned r1a = Pack2<T, ARCH>::run(c[2], c[3]);   // row e1
-      const unsigned r0b = Pack2<T, ARCH>::run(c[4], c[5]);   // row e0, queries c0 + 4, + 5
-      const unsigned r1b = Pack2<T, ARCH>::run(c[6], c[7]);   // row e1
-      const unsigned rxa = __shfl_xor_sync(0xffffffffu, c0 ? r0a : r1a, 2);
-      const unsigned rxb = __shfl_xor_sync(0xffffffffu, c0 ? r0b : r1b, 2);
-      a[0] = c0 ? rxa : r0a;   // queries 0, 1
-      a[1] = c0 ? r1a : rxa;   // 2, 3
-      a[2] = c0 ? rxb : r0b;   // 4, 5
-      a[3] = c0 ? r1b : rxb;   // 6, 7
-    };
 #pragma unroll
     for (int j = 0; j < QT; ++j) {
-      to_a(pa[j], s[j]);
-      to_a(dsa[j], dp[j]);
+      c_to_a884<T, ARCH>(pa[j], s[j], c0);
+      c_to_a884<T, ARCH>(dsa[j], dp[j], c0);
     }
     if (dq_accum != nullptr) {
 #pragma unroll

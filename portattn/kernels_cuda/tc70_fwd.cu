@@ -167,22 +167,10 @@ __global__ void __launch_bounds__(NT, 1) tc70_fwd_kernel(
         for (int x = 0; x < 4; ++x) acc[o][2 * e + (x & 1) + (x >> 1) * 4] *= corr;
     }
 
-    // P as the A operand: lane t keeps row t + 4h (its row e = t >> 1) and trades the
-    // other row's four values with lane t ^ 2, which holds the other four columns.
+    // P as the A operand: lane t then holds row t + 4h's 8 keys of each n8 tile.
     unsigned pa[NTL][4];
 #pragma unroll
-    for (int j = 0; j < NTL; ++j) {
-      const unsigned r0a = Pack2<T, ARCH>::run(s[j][0], s[j][1]);   // row e0, cols c0, c0+1
-      const unsigned r1a = Pack2<T, ARCH>::run(s[j][2], s[j][3]);   // row e1, cols c0, c0+1
-      const unsigned r0b = Pack2<T, ARCH>::run(s[j][4], s[j][5]);   // row e0, cols c0+4, +5
-      const unsigned r1b = Pack2<T, ARCH>::run(s[j][6], s[j][7]);   // row e1, cols c0+4, +5
-      const unsigned rxa = __shfl_xor_sync(0xffffffffu, c0 ? r0a : r1a, 2);
-      const unsigned rxb = __shfl_xor_sync(0xffffffffu, c0 ? r0b : r1b, 2);
-      pa[j][0] = c0 ? rxa : r0a;   // keys 0, 1
-      pa[j][1] = c0 ? r1a : rxa;   // keys 2, 3
-      pa[j][2] = c0 ? rxb : r0b;   // keys 4, 5
-      pa[j][3] = c0 ? r1b : rxb;   // keys 6, 7
-    }
+    for (int j = 0; j < NTL; ++j) c_to_a884<T, ARCH>(pa[j], s[j], c0);
 
     // Dropout zeroes P after the row sums took it (lse and 1 / l are the undropped
     // softmax's; 1 / (1 - p) is folded into the final normalisation), on the packed A

@@ -293,6 +293,24 @@ template <> struct Mma884<half_t> {
 };
 #undef PORTATTN_MMA884
 
+// An m8n8k4 f32 C tile (lane t of quad pair h holds rows (t & 1) + 2e + 4h, e = 0/1, at
+// columns c0 + {0, 1, 4, 5}, c0 = t & 2) as the A operand of the next product (.row: row
+// t + 4h, columns 0..7 as four packed pairs). Lane t keeps its row e = t >> 1 and trades the
+// other row's four values with lane t ^ 2, which holds the other four columns.
+template <class T, int ARCH>
+__device__ __forceinline__ void c_to_a884(unsigned (&a)[4], const float (&c)[8], int c0) {
+  const unsigned r0a = Pack2<T, ARCH>::run(c[0], c[1]);   // row e0, columns c0, c0 + 1
+  const unsigned r1a = Pack2<T, ARCH>::run(c[2], c[3]);   // row e1, columns c0, c0 + 1
+  const unsigned r0b = Pack2<T, ARCH>::run(c[4], c[5]);   // row e0, columns c0 + 4, + 5
+  const unsigned r1b = Pack2<T, ARCH>::run(c[6], c[7]);   // row e1, columns c0 + 4, + 5
+  const unsigned rxa = __shfl_xor_sync(0xffffffffu, c0 ? r0a : r1a, 2);
+  const unsigned rxb = __shfl_xor_sync(0xffffffffu, c0 ? r0b : r1b, 2);
+  a[0] = c0 ? rxa : r0a;   // columns 0, 1
+  a[1] = c0 ? r1a : rxa;   // 2, 3
+  a[2] = c0 ? rxb : r0b;   // 4, 5
+  a[3] = c0 ? r1b : rxb;   // 6, 7
+}
+
 __device__ __forceinline__ uint4 lds128(const void* p) {
   return *reinterpret_cast<const uint4*>(p);
 }
