@@ -15,7 +15,9 @@ ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "bool": 1, "float64": 8,
             "int32": 4, "int64": 8, "uint8": 1}
 
 
-@dataclass(frozen=True)
+# Not frozen: a frozen dataclass's __init__ goes through object.__setattr__ per field, and a
+# decode call builds several of these (host time per call is what a decode loop pays).
+@dataclass
 class ArrayView:
     kind: str            # "torch", "cupy", or "cai" (any __cuda_array_interface__)
     obj: object
@@ -48,15 +50,21 @@ def _is_cupy(x) -> bool:
     return cupy is not None and isinstance(x, cupy.ndarray)
 
 
+_torch_dtype_names: dict = {}
+
+
 def view(x, name: str) -> ArrayView:
     if isinstance(x, ArrayView):
         return x
     if _is_torch(x):
-        dtype = _TORCH_DTYPES.get(str(x.dtype), str(x.dtype).replace("torch.", ""))
-        dev = x.device
-        return ArrayView("torch", x, tuple(x.shape), tuple(x.stride()), dtype,
-                         dev.index if dev.type == "cuda" else "cpu",
-                         x.data_ptr(), x.element_size())
+        dtype = _torch_dtype_names.get(x.dtype)
+        if dtype is None:
+            text = str(x.dtype)
+            dtype = _torch_dtype_names[x.dtype] = _TORCH_DTYPES.get(
+                text, text.replace("torch.", ""))
+        dev = x.get_device()
+        return ArrayView("torch", x, tuple(x.shape), x.stride(), dtype,
+                         dev if dev >= 0 else "cpu", x.data_ptr(), x.element_size())
     if _is_cupy(x):
         itemsize = x.dtype.itemsize
         if any(s % itemsize for s in x.strides):
@@ -146,6 +154,21 @@ def _cupy_dtype(dtype: str):
             raise TypeError("this CuPy has no bfloat16 dtype; pass torch tensors for bfloat16")
         return bf16
     return np.dtype(dtype)
+
+
+def stream_ptr(like: ArrayView) -> int:
+    """The caller's current stream as a raw handle (torch's for torch inputs, else CuPy's)."""
+    if like.kind == "torch":
+        import torch
+        # The raw handle without building a torch.cuda.Stream object (several microseconds
+        # per call); the public route where this private one is missing.
+        raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+        if raw is not None:
+            return raw(like.device)
+        return torch.cuda.current_stream(like.device).cuda_stream
+    import cupy
+    with cupy.cuda.Device(like.device):
+        return cupy.cuda.get_current_stream().ptr
 
 
 def stream_for(like: ArrayView):

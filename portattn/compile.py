@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import struct
 import threading
 from functools import lru_cache
 from importlib import resources
@@ -95,6 +96,23 @@ def get_function(spec: KernelSpec, device_id: int):
                 fn.max_dynamic_shared_size_bytes = spec.smem_bytes
         _functions[key] = fn
         return fn
+
+
+def launch(fn, grid: int, block: int, fmt: str, args: tuple, stream: int, smem: int = 0) -> None:
+    """Launch ``fn`` with ``args`` packed by struct format ``fmt`` (native alignment, which
+    is the kernel parameter layout) into one buffer (cuLaunchKernel's
+    CU_LAUNCH_PARAM_BUFFER_POINTER), rather than CuPy converting each of decode's ~50
+    NumPy scalars: with the plan cache this took a decode call from ~190 to ~75 us of
+    host time on an H100's host (benchmarks/NOTES.md, eighth session), which small decode
+    kernels would otherwise wait on."""
+    import ctypes
+    from cupy_backends.cuda.api import driver
+    buf = ctypes.create_string_buffer(struct.pack(fmt, *args))
+    size = ctypes.c_size_t(ctypes.sizeof(buf) - 1)
+    # CU_LAUNCH_PARAM_BUFFER_POINTER (1), CU_LAUNCH_PARAM_BUFFER_SIZE (2), CU_LAUNCH_PARAM_END.
+    extra = (ctypes.c_void_p * 5)(1, ctypes.addressof(buf), 2, ctypes.addressof(size), 0)
+    driver.launchKernel(fn.kernel.ptr, grid, 1, 1, block, 1, 1, smem, stream, 0,
+                        ctypes.addressof(extra))
 
 
 def nvrtc_compile(family: str, cc: int, name_expressions=()):

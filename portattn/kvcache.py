@@ -2,6 +2,7 @@
 keys/values appended in place, GQA packing and split-KV (Flash-Decoding)."""
 from __future__ import annotations
 
+import functools
 import numbers
 import os
 from dataclasses import dataclass
@@ -215,10 +216,17 @@ def _prepare(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_ta
                             batch=batch, nheads_q=hq, nheads_kv=hkv, paged=paged,
                             num_splits=int(num_splits), aligned=aligned)
     device = detect(qv.device)
-    plan = select_decode_plan(device, problem, only=forced_path())
+    plan = _decode_plan(device, problem, forced_path())
     return _KV(device, problem, plan, qv, kc, vc, kn, vn, seq_view, seqlen_const, cidx, table,
                alibi, capacity, softmax_scale, softcap, (left, right),
                causal_align == "top_left")
+
+
+# A decode loop asks for the same plan every step; select_decode_plan is pure, so its
+# result is kept (bench_decode's sweep, which patches plan constants, clears this).
+@functools.lru_cache(maxsize=1024)
+def _decode_plan(device, problem: DecodeProblem, only):
+    return select_decode_plan(device, problem, only=only)
 
 
 # Split-merge counters, one int32 per (batch, KV head, row tile) group, per (device, stream):
@@ -227,12 +235,12 @@ def _prepare(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_ta
 _COUNTERS: dict = {}
 
 
-def _counters(device, n: int):
-    import cupy
-    stream = cupy.cuda.get_current_stream()
-    key = (device, stream.ptr)
+def _counters(device, n: int, stream_ptr: int):
+    key = (device, stream_ptr)
     buf = _COUNTERS.get(key)
     if buf is None or buf.size < n:
+        import cupy
+        stream = cupy.cuda.ExternalStream(stream_ptr, device)
         # Allocating (and zeroing) is not capturable; a graph must find them in place.
         if getattr(stream, "is_capturing", lambda: False)():
             raise ValueError(
@@ -240,24 +248,30 @@ def _counters(device, n: int):
                 "none yet: run the call once on the capturing stream before CUDA-graph capture "
                 "(torch.cuda.graph captures on its own stream unless given stream=), or pass "
                 "num_splits=1")
-        buf = cupy.zeros(max(n, 4096), dtype=cupy.int32)
+        with cupy.cuda.Device(device), stream:
+            buf = cupy.zeros(max(n, 4096), dtype=cupy.int32)
         _COUNTERS[key] = buf
     return buf
 
 
-def _ptr(a) -> np.uint64:
-    return np.uint64(a.ptr if a is not None else 0)
+def _ptr(a) -> int:
+    return a.ptr if a is not None else 0
+
+
+# decode_fwd.cu's parameter lists as struct formats (compile.launch): pointers, 64-bit
+# strides, ints, floats, in PORTATTN_DECODE_PARAMS order, then decode_append_kernel's.
+_DECODE_FORMAT = "@12Q15q14i2f2i"
+_APPEND_FORMAT = "@7Q13q7iq"
 
 
 def _launch(p: _KV, with_lse: bool):
-    from .compile import get_function
+    from .compile import get_function, launch
     import cupy
     batch, sq, hq, d = p.q.shape
     hkv = p.k_cache.shape[2]
     out = _arrays.empty(p.q, (batch, sq, hq, d), p.q.dtype)
     ov = _arrays.view(out, "out")
     lse = _arrays.empty(p.q, (batch, hq, sq), "float32") if with_lse else None
-    i64, i32 = np.int64, np.int32
     paged = p.block_table is not None
     page_size = p.k_cache.shape[1] if paged else 0
     page_shift = page_size.bit_length() - 1 if paged and page_size & (page_size - 1) == 0 else -1
@@ -266,25 +280,24 @@ def _launch(p: _KV, with_lse: bool):
     kc, vc = p.k_cache, p.v_cache
     plan = p.plan
     dev = p.q.device
-    with cupy.cuda.Device(dev), _arrays.stream_for(p.q):
+    stream = _arrays.stream_ptr(p.q)
+    with cupy.cuda.Device(dev):
         splits = plan.num_splits
         part = part_lse = counters = None
         if splits > 1 and batch > 0 and sq > 0:
             # First: under capture, missing counters raise before anything is launched.
-            counters = _counters(dev, batch * hkv * plan.row_tiles)
+            counters = _counters(dev, batch * hkv * plan.row_tiles, stream)
             part = _arrays.empty(p.q, (splits, batch * hq * sq, d), "float32")
             part_lse = _arrays.empty(p.q, (splits, batch * hq * sq), "float32")
         if p.k is not None and p.k.shape[1] > 0 and batch > 0:
             total = batch * p.k.shape[1] * hkv * d
             spec = plan.append_spec
             blocks = min(-(-total // spec.threads), 65535)
-            get_function(spec, dev)((blocks,), (spec.threads,), (
+            launch(get_function(spec, dev), blocks, spec.threads, _APPEND_FORMAT, (
                 _ptr(p.k), _ptr(p.v), _ptr(kc), _ptr(vc), _ptr(p.seqlens), _ptr(p.cache_idx),
-                _ptr(p.block_table),
-                *(i64(s) for s in p.k.strides[:3]), *(i64(s) for s in p.v.strides[:3]),
-                *(i64(s) for s in kc.strides[:3]), *(i64(s) for s in vc.strides[:3]),
-                i64(bt_sb), i32(p.seqlen_const), i32(p.k.shape[1]), i32(hkv), i32(d),
-                i32(max(page_size, 1)), i32(nblocks), i32(p.capacity), i64(total)))
+                _ptr(p.block_table), *p.k.strides[:3], *p.v.strides[:3], *kc.strides[:3],
+                *vc.strides[:3], bt_sb, p.seqlen_const, p.k.shape[1], hkv, d,
+                max(page_size, 1), nblocks, p.capacity, total), stream)
         if batch == 0 or sq == 0:
             return out, lse
         grid = batch * hkv * plan.grid
@@ -295,21 +308,17 @@ def _launch(p: _KV, with_lse: bool):
         vec = ((_vector_ok(p.q) << 0) | (_vector_ok(kc) << 1) | (_vector_ok(vc) << 2)
                | (plan.l2_hint << 3))
         spec = plan.spec
-        get_function(spec, dev)((grid,), (spec.threads,), (
-            _ptr(p.q), _ptr(kc), _ptr(vc), _ptr(ov),
-            np.uint64(_arrays.view(lse, "lse").ptr if lse is not None else 0),
-            np.uint64(_arrays.view(part, "part").ptr if part is not None else 0),
-            np.uint64(_arrays.view(part_lse, "part_lse").ptr if part is not None else 0),
-            np.uint64(counters.data.ptr if counters is not None else 0), _ptr(p.seqlens),
+        launch(get_function(spec, dev), grid, spec.threads, _DECODE_FORMAT, (
+            p.q.ptr, kc.ptr, vc.ptr, ov.ptr, _arrays.view(lse, "lse").ptr if lse is not None else 0,
+            _arrays.view(part, "part").ptr if part is not None else 0,
+            _arrays.view(part_lse, "part_lse").ptr if part is not None else 0,
+            counters.data.ptr if counters is not None else 0, _ptr(p.seqlens),
             _ptr(p.cache_idx), _ptr(p.block_table), _ptr(p.alibi),
-            *(i64(s) for s in p.q.strides[:3]), *(i64(s) for s in kc.strides[:3]),
-            *(i64(s) for s in vc.strides[:3]), *(i64(s) for s in ov.strides[:3]),
-            i64(bt_sb), i64(alibi_sb), i64(alibi_sh),
-            i32(batch), i32(p.seqlen_const), i32(p.k.shape[1] if p.k is not None else 0),
-            i32(hq), i32(hq // hkv), i32(sq), i32(d), i32(max(page_size, 1)), i32(page_shift),
-            i32(nblocks), i32(p.capacity), i32(p.window[0]), i32(p.window[1]),
-            i32(p.top_left), np.float32(p.scale * LOG2E), np.float32(p.softcap * LOG2E),
-            i32(splits), i32(vec)))
+            *p.q.strides[:3], *kc.strides[:3], *vc.strides[:3], *ov.strides[:3],
+            bt_sb, alibi_sb, alibi_sh,
+            batch, p.seqlen_const, p.k.shape[1] if p.k is not None else 0, hq, hq // hkv, sq,
+            d, max(page_size, 1), page_shift, nblocks, p.capacity, p.window[0], p.window[1],
+            int(p.top_left), p.scale * LOG2E, p.softcap * LOG2E, splits, vec), stream)
     return out, lse
 
 

@@ -281,3 +281,43 @@ def test_every_plan_uses_a_gated_spec(d, group, sq, cc, dtype, aligned):
     assert plan.spec.head_dim == kd >= d
     assert plan.spec.block_m * plan.row_tiles >= group * sq
     assert plan.num_splits >= 1 and plan.ctas_per_sm >= 1
+
+
+def _param_format(params: str) -> str:
+    """A C parameter list as the struct format compile.launch packs (pointers Q, long long
+    q, int i, float f; native alignment)."""
+    codes = []
+    for p in params.replace("\\", " ").split(","):
+        p = " ".join(p.split())
+        if "*" in p:
+            codes.append("Q")
+        elif p.startswith("long long "):
+            codes.append("q")
+        elif p.startswith("int "):
+            codes.append("i")
+        elif p.startswith("float "):
+            codes.append("f")
+        else:
+            raise AssertionError(f"unexpected kernel parameter {p!r}")
+    out, run = "@", 1
+    for i, c in enumerate(codes):
+        if i + 1 < len(codes) and codes[i + 1] == c:
+            run += 1
+            continue
+        out += f"{run}{c}" if run > 1 else c
+        run = 1
+    return out
+
+
+def test_launch_formats_match_the_kernel_parameter_lists():
+    """kvcache packs decode's arguments by hand-written struct formats; a parameter added
+    to decode_fwd.cu without its format would shift every later argument."""
+    import re
+    from portattn.compile import kernel_files
+    src = kernel_files()["decode_fwd.cu"]
+    macro = re.search(r"#define PORTATTN_DECODE_PARAMS\(T\) \\\n(.*?vec_flags)\n", src, re.S)
+    assert macro is not None
+    assert _param_format(macro.group(1)) == kvcache._DECODE_FORMAT
+    append = re.search(r"decode_append_kernel\(\n(.*?)\) \{", src, re.S)
+    assert append is not None
+    assert _param_format(append.group(1)) == kvcache._APPEND_FORMAT

@@ -110,12 +110,12 @@ def tc_head_dim(head_dim: int) -> int:
     return max(64, decode_head_dim(head_dim))
 
 
-MERGE_SMEM_BYTES = 4 * 8 * MAX_SPLITS   # decode_fwd.cu combine_if_last's split weights
+MERGE_SMEM_BYTES = 16   # decode_fwd.cu combine_if_last's "last CTA" flag, aligned
 
 
 def tc_smem_bytes(head_dim: int) -> int:
     """decode_tc_kernel's static shared memory: the cross-warp merge of O, m and l, and the
-    split merge's weights."""
+    split merge's flag."""
     warps = TC_THREADS // 32
     return 4 * warps * TC_ROWS * (head_dim + 2) + MERGE_SMEM_BYTES
 

@@ -104,17 +104,17 @@ __device__ __forceinline__ float ld_cg(const float* p) {
 // writes its split's normalised output and lse, and the last to arrive (one atomic per CTA)
 // merges all splits. It reads them in split order, so the result is the same whichever CTA
 // arrives last, and resets the group's counter to 0 for the next launch on the stream.
-// The merge runs at the very end of the kernel, so its L2 round trips are kept few: the
-// group's lse values are read at once into shared memory and turned into weights there,
-// then every output element's num_splits loads are independent.
-constexpr int kMergeRows = 8;      // packed rows per CTA at most (decode_rows, TC_ROWS)
-constexpr int kMaxSplits = 128;    // plan_decode.MAX_SPLITS
+// The merge is on the kernel's critical path (the last CTAs finish together), so each thread
+// issues every load for a batch of kMergeElems output elements and kMergeSplits splits,
+// lse values included, before using any: one L2 round trip per batch instead of one per
+// element. Splits beyond a batch are folded in with an online max, like the key loop.
+constexpr int kMergeElems = 4;
+constexpr int kMergeSplits = 4;
 template <class T, int NT>
 __device__ __forceinline__ void combine_if_last(
     int* counter, const float* o_part, const float* lse_part, T* o, float* lse,
     long long o_sb, long long o_ss, long long o_sh, long long rows_total, int b, int hk,
     int hq, int group, int sq, int r0, int rows, int d, int num_splits) {
-  __shared__ float w_s[kMergeRows][kMaxSplits];
   __shared__ int last_s;
   __threadfence();
   __syncthreads();
@@ -126,45 +126,58 @@ __device__ __forceinline__ void combine_if_last(
   __syncthreads();
   if (!last_s) return;
   __threadfence();
-  const auto out_row = [&](int r) {
-    const int pr = r0 + r;
-    return (static_cast<long long>(b) * hq + hk * group + pr % group) * sq + pr / group;
-  };
-  for (int x = threadIdx.x; x < rows * num_splits; x += NT) {
-    const int r = x / num_splits, s = x - r * num_splits;
-    w_s[r][s] = ld_cg(lse_part + s * rows_total + out_row(r));
-  }
-  __syncthreads();
-  // One warp per row: the max, the sum of weights and the row's lse, then the weights
-  // normalised in place.
-  const int lane = threadIdx.x & 31;
-  for (int r = threadIdx.x >> 5; r < rows; r += NT / 32) {
-    float mx = neg_inf();
-    for (int s = lane; s < num_splits; s += 32) mx = fmaxf(mx, w_s[r][s]);
-    mx = group_max<32>(mx);
-    const float shift = mx == neg_inf() ? 0.f : mx;
-    float total = 0.f;
-    for (int s = lane; s < num_splits; s += 32)
-      total += fast_exp2((w_s[r][s] - shift) * kLog2e);
-    total = group_sum<32>(total);
-    const float inv = total > 0.f ? 1.f / total : 0.f;
-    __syncwarp();
-    for (int s = lane; s < num_splits; s += 32)
-      w_s[r][s] = fast_exp2((w_s[r][s] - shift) * kLog2e) * inv;
-    if (lane == 0 && lse) lse[out_row(r)] = total > 0.f ? shift + __logf(total) : neg_inf();
-  }
-  __syncthreads();
-  for (int x = threadIdx.x; x < rows * d; x += NT) {
-    const int r = x / d, col = x - r * d;
-    const long long lrow = out_row(r);
-    const float* src = o_part + lrow * d + col;
-    float acc = 0.f;
-#pragma unroll 4
-    for (int s = 0; s < num_splits; ++s)
-      acc = fmaf(w_s[r][s], ld_cg(src + s * rows_total * d), acc);
-    const int pr = r0 + r;
-    o[b * o_sb + (pr / group) * o_ss + (hk * group + pr % group) * o_sh + col] =
-        from_float<T>(acc);
+  const int n = rows * d;
+  for (int x0 = threadIdx.x; x0 < n; x0 += kMergeElems * NT) {
+    long long lrow[kMergeElems];
+    float m[kMergeElems], l[kMergeElems], acc[kMergeElems];
+#pragma unroll
+    for (int e = 0; e < kMergeElems; ++e) {
+      const int x = min(x0 + e * NT, n - 1);
+      const int pr = r0 + x / d;
+      lrow[e] = (static_cast<long long>(b) * hq + hk * group + pr % group) * sq + pr / group;
+      m[e] = neg_inf();
+      l[e] = acc[e] = 0.f;
+    }
+    for (int s0 = 0; s0 < num_splits; s0 += kMergeSplits) {
+      float lv[kMergeElems][kMergeSplits], ov[kMergeElems][kMergeSplits];
+#pragma unroll
+      for (int e = 0; e < kMergeElems; ++e) {
+        const int col = min(x0 + e * NT, n - 1) % d;
+#pragma unroll
+        for (int u = 0; u < kMergeSplits; ++u) {
+          const long long at = min(s0 + u, num_splits - 1) * rows_total + lrow[e];
+          lv[e][u] = s0 + u < num_splits ? ld_cg(lse_part + at) : neg_inf();
+          ov[e][u] = ld_cg(o_part + at * d + col);
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < kMergeElems; ++e) {
+        float mx = m[e];
+#pragma unroll
+        for (int u = 0; u < kMergeSplits; ++u) mx = fmaxf(mx, lv[e][u]);
+        // Empty splits (and fully masked rows) have lse = -inf and weigh 0.
+        const float shift = mx == neg_inf() ? 0.f : mx;
+        const float c = fast_exp2((m[e] - shift) * kLog2e);
+        l[e] *= c;
+        acc[e] *= c;
+#pragma unroll
+        for (int u = 0; u < kMergeSplits; ++u) {
+          const float w = fast_exp2((lv[e][u] - shift) * kLog2e);
+          l[e] += w;
+          acc[e] = fmaf(w, ov[e][u], acc[e]);
+        }
+        m[e] = mx;
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < kMergeElems; ++e) {
+      const int x = x0 + e * NT;
+      if (x >= n) break;
+      const int r = x / d, col = x - r * d, pr = r0 + r;
+      o[b * o_sb + (pr / group) * o_ss + (hk * group + pr % group) * o_sh + col] =
+          from_float<T>(l[e] > 0.f ? acc[e] / l[e] : 0.f);
+      if (col == 0 && lse) lse[lrow[e]] = l[e] > 0.f ? m[e] + __logf(l[e]) : neg_inf();
+    }
   }
 }
 
