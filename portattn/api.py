@@ -298,7 +298,7 @@ def _launch_args(p: _Prepared, ov: _arrays.ArrayView, lse_ptr: int) -> tuple:
 
 
 def _launch(p: _Prepared, with_lse: bool):
-    from .compile import get_function
+    from .compile import get_function, launch
     import cupy
     batch, tokens_q, hq, d = p.q.shape
     out = _arrays.empty(p.q, (batch, tokens_q, hq, d), p.q.dtype)
@@ -313,8 +313,9 @@ def _launch(p: _Prepared, with_lse: bool):
         return out, lse
     args = _launch_args(p, ov, _arrays.view(lse, "lse").ptr if lse is not None else 0)
     fn = get_function(spec, p.q.device)
-    with cupy.cuda.Device(p.q.device), _arrays.stream_for(p.q):
-        fn((grid,), (spec.threads,), args, shared_mem=p.plan.smem_bytes)
+    with cupy.cuda.Device(p.q.device):
+        launch(fn, grid, spec.threads, None, args, _arrays.stream_ptr(p.q),
+               smem=p.plan.smem_bytes)
     return out, lse
 
 

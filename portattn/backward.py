@@ -74,7 +74,7 @@ def _check_grad_inputs(p: _Prepared, dout, out, lse):
 
 def _launch_bwd(p: _Prepared, plan: BwdPlan, dout: _arrays.ArrayView, out: _arrays.ArrayView,
                 lse: _arrays.ArrayView, deterministic: bool):
-    from .compile import get_function
+    from .compile import get_function, launch
     import cupy
     batch, sq, hq, d = p.q.shape
     sk, hkv = p.k.shape[1], p.k.shape[2]
@@ -128,24 +128,27 @@ def _launch_bwd(p: _Prepared, plan: BwdPlan, dout: _arrays.ArrayView, out: _arra
 
     dev = p.q.device
     main = plan.spec("dkdv")
+    stream = _arrays.stream_ptr(p.q)
     with cupy.cuda.Device(dev), _arrays.stream_for(p.q):
         if rows:
             pre = plan.spec("pre")   # pre_lanes(d) lanes per query row
             per_cta = pre.threads // 32 * (32 // pre_lanes(d))
-            get_function(pre, dev)((-(-rows // per_cta),), (pre.threads,), args("pre", acc))
+            launch(get_function(pre, dev), -(-rows // per_cta), pre.threads, None,
+                   args("pre", acc), stream)
         if nseq * hkv * max_k:
             grid = -(-max_k // main.block_n) * nseq * hkv
-            get_function(main, dev)((grid,), (main.threads,), args("dkdv", acc),
-                                    shared_mem=main.smem_bytes)
+            launch(get_function(main, dev), grid, main.threads, None, args("dkdv", acc),
+                   stream, smem=main.smem_bytes)
         if rows and deterministic:
             dqs = plan.spec("dq")
             grid = -(-max_q // dqs.block_m) * nseq * hq
-            get_function(dqs, dev)((grid,), (dqs.threads,), args("dq", None),
-                                   shared_mem=dqs.smem_bytes)
+            launch(get_function(dqs, dev), grid, dqs.threads, None, args("dq", None),
+                   stream, smem=dqs.smem_bytes)
         elif rows:
             cvt = plan.spec("cvt")   # grid-stride loop over dq's elements
             grid = min(-(-(rows * d) // (4 * cvt.threads)), 1 << 20)   # 4 per thread
-            get_function(cvt, dev)((grid,), (cvt.threads,), args("cvt", acc))
+            launch(get_function(cvt, dev), grid, cvt.threads, None, args("cvt", acc),
+                   stream)
     if packed:
         return dq[0], dk[0], dv[0]
     return dq, dk, dv

@@ -98,16 +98,32 @@ def get_function(spec: KernelSpec, device_id: int):
         return fn
 
 
-def launch(fn, grid: int, block: int, fmt: str, args: tuple, stream: int, smem: int = 0) -> None:
+_NUMPY_CODES = {"uint64": "Q", "int64": "q", "uint32": "I", "int32": "i", "float32": "f"}
+_formats: dict = {}
+
+
+def numpy_format(args: tuple) -> str:
+    """The struct format of a tuple of NumPy scalars (the forward/backward launch tuples)."""
+    types = tuple(type(a) for a in args)
+    fmt = _formats.get(types)
+    if fmt is None:
+        import numpy as np
+        fmt = _formats[types] = "@" + "".join(_NUMPY_CODES[np.dtype(t).name] for t in types)
+    return fmt
+
+
+def launch(fn, grid: int, block: int, fmt: str | None, args: tuple, stream: int,
+           smem: int = 0) -> None:
     """Launch ``fn`` with ``args`` packed by struct format ``fmt`` (native alignment, which
-    is the kernel parameter layout) into one buffer (cuLaunchKernel's
+    is the kernel parameter layout; None: ``args`` are NumPy scalars whose types give it)
+    into one buffer (cuLaunchKernel's
     CU_LAUNCH_PARAM_BUFFER_POINTER), rather than CuPy converting each of decode's ~50
     NumPy scalars: with the plan cache this took a decode call from ~190 to ~75 us of
     host time on an H100's host (benchmarks/NOTES.md, eighth session), which small decode
     kernels would otherwise wait on."""
     import ctypes
     from cupy_backends.cuda.api import driver
-    buf = ctypes.create_string_buffer(struct.pack(fmt, *args))
+    buf = ctypes.create_string_buffer(struct.pack(fmt or numpy_format(args), *args))
     size = ctypes.c_size_t(ctypes.sizeof(buf) - 1)
     # CU_LAUNCH_PARAM_BUFFER_POINTER (1), CU_LAUNCH_PARAM_BUFFER_SIZE (2), CU_LAUNCH_PARAM_END.
     extra = (ctypes.c_void_p * 5)(1, ctypes.addressof(buf), 2, ctypes.addressof(size), 0)
