@@ -58,7 +58,7 @@ class _KV:
 
 
 # Index values live on the GPU, so checking them before launch needs a host copy: a sync
-# (0.22-0.26 ms per decode step on an H100, benchmarks/h100_decode_*) that CUDA-graph capture
+# (0.11-0.26 ms per decode step on an H100, benchmarks/h100_decode_*) that CUDA-graph capture
 # forbids. On by default, so a bad index raises before launch; check_indices=False, or this
 # variable set to 0, skips it (flash_attn never checks), and the kernels then clamp
 # out-of-range values inside the cache.
