@@ -129,7 +129,7 @@ def _launch_bwd(p: _Prepared, plan: BwdPlan, dout: _arrays.ArrayView, out: _arra
     dev = p.q.device
     main = plan.spec("dkdv")
     stream = _arrays.stream_ptr(p.q)
-    with cupy.cuda.Device(dev), _arrays.stream_for(p.q):
+    with cupy.cuda.Device(dev):
         if rows:
             pre = plan.spec("pre")   # pre_lanes(d) lanes per query row
             per_cta = pre.threads // 32 * (32 // pre_lanes(d))

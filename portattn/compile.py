@@ -114,13 +114,12 @@ def numpy_format(args: tuple) -> str:
 
 def launch(fn, grid: int, block: int, fmt: str | None, args: tuple, stream: int,
            smem: int = 0) -> None:
-    """Launch ``fn`` with ``args`` packed by struct format ``fmt`` (native alignment, which
-    is the kernel parameter layout; None: ``args`` are NumPy scalars whose types give it)
-    into one buffer (cuLaunchKernel's
-    CU_LAUNCH_PARAM_BUFFER_POINTER), rather than CuPy converting each of decode's ~50
-    NumPy scalars: with the plan cache this took a decode call from ~190 to ~75 us of
-    host time on an H100's host (benchmarks/NOTES.md, eighth session), which small decode
-    kernels would otherwise wait on."""
+    """Launch ``fn`` on ``stream`` with ``args`` packed into one parameter buffer
+    (cuLaunchKernel's CU_LAUNCH_PARAM_BUFFER_POINTER) by struct format ``fmt``, whose
+    native alignment is the kernel parameter layout; ``fmt`` None: ``args`` are NumPy
+    scalars and their types give it. CuPy converts each argument instead; for decode's ~50
+    that was a large part of ~190 us of host time per call (~75 us now, with the plan
+    cache; benchmarks/NOTES.md, eighth session), which small decode kernels wait on."""
     import ctypes
     from cupy_backends.cuda.api import driver
     buf = ctypes.create_string_buffer(struct.pack(fmt or numpy_format(args), *args))
