@@ -28,14 +28,14 @@ DECODE_EST_REGS = {(4, 2): 128, (8, 2): 216, (4, 4): 160, (8, 4): 248}
 # warp step, 4 warps per CTA (d128 ~200 registers: 2 CTAs, 8 warps, 64 KB of loads in flight
 # per SM). H100, bench --sweep, 2026-11-22, headline shape: 2-warp CTAs (4 per SM, 8 splits)
 # 2% slower, twice the splits 3% slower, a split count past one wave (5, 6) 13-30% slower.
-# Registers (NVRTC 12.9), d64 / d128 / d256: sm_80..sm_90 112-122 / 194-202 / 232-234,
-# sm_75 126 / 206 / 240 (d256 is 1 CTA/SM there: 36 KB of static shared memory).
+# Registers (NVRTC 12.9), d64 / d128 / d256: sm_80..sm_90 112-128 / 200-208 / 232-234,
+# sm_75 128 / 214 / 248 (d256 is 1 CTA/SM there: 36 KB of static shared memory).
 TC_ROWS = 8
 TC_KEYS = 16
 TC_THREADS = 128
 TC_HEAD_DIMS = (64, 128, 256)
 TC_EST_REGS = {(80, 64): 128, (80, 128): 208, (80, 256): 240,
-               (75, 64): 128, (75, 128): 208, (75, 256): 240}
+               (75, 64): 128, (75, 128): 216, (75, 256): 248}
 # Tensor-core K/V loads with L2::256B (L2::128B on sm_75) and L1::no_allocate (decode_fwd.cu,
 # vec_flags bit 3): 1.6% faster at the headline shape, 2% at batch 1 x 128k keys and 4-6%
 # with paged caches (H100, 2026-11-22). An L2 prefetch of the next step instead measured 6%

@@ -550,6 +550,7 @@ __global__ void __launch_bounds__(NT) decode_tc_kernel(PORTATTN_DECODE_PARAMS(T)
   constexpr int VC = D / 64;        // V loads per key per lane
   constexpr int NB = D / 8;         // n-blocks of O = P V
   constexpr int VG = D <= 128 ? VC : 2;   // V loads per key issued together
+  constexpr bool kTwoChains = KC >= 4;
   static_assert(R == 8 && BN == 16 && D % 64 == 0 && NT % 32 == 0, "decode_tc shape");
   static_assert(sizeof(T) == 2, "16-bit inputs");
   using Mma = DecodeMma<T, ARCH>;
@@ -652,10 +653,15 @@ __global__ void __launch_bounds__(NT) decode_tc_kernel(PORTATTN_DECODE_PARAMS(T)
     }
     if constexpr (VG == VC) load_v(0);
 
-    float s[2][2];
+    // From d128 on, each key half's S accumulates in two chains (the first and second k16
+    // step of every 32 columns), added at the end: the step's MMA dependency chain is KC
+    // deep instead of 2 KC, and the key loop is latency-bound enough to show it (+0.2-0.4%,
+    // benchmarks/NOTES.md, ninth session). At d64 the extra registers spilled.
+    float s[2][2], s2[2][2];
 #pragma unroll
     for (int kb = 0; kb < 2; ++kb) {
-      s[kb][0] = s[kb][1] = 0.f;
+      s[kb][0] = s[kb][1] = s2[kb][0] = s2[kb][1] = 0.f;
+      float(&second)[2] = kTwoChains ? s2[kb] : s[kb];
 #pragma unroll
       for (int c = 0; c < KC; ++c) {
         if constexpr (kQSmem) {
@@ -663,7 +669,11 @@ __global__ void __launch_bounds__(NT) decode_tc_kernel(PORTATTN_DECODE_PARAMS(T)
           qa[c][0] = x.x; qa[c][1] = x.y; qa[c][2] = x.z; qa[c][3] = x.w;
         }
         Mma::run(s[kb][0], s[kb][1], qa[c][0], qa[c][1], kx[kb][c][0], kx[kb][c][1]);
-        Mma::run(s[kb][0], s[kb][1], qa[c][2], qa[c][3], kx[kb][c][2], kx[kb][c][3]);
+        Mma::run(second[0], second[1], qa[c][2], qa[c][3], kx[kb][c][2], kx[kb][c][3]);
+      }
+      if constexpr (kTwoChains) {
+        s[kb][0] += s2[kb][0];
+        s[kb][1] += s2[kb][1];
       }
     }
     float mx = neg_inf();
