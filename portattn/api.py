@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _arrays
-from .arch import Plan, Problem, detect, forced_path, select_plan
+from .arch import Plan, Problem, detect, forced_path
+from .arch.cache import bwd_plan, fwd_plan
 from .arch.device import DeviceInfo
 from .dropout import check_attn_probs, check_dropout_args
 from .spec import DTYPES, MAX_HEAD_DIM
@@ -227,7 +228,7 @@ def _prepare(q, k, v, *, dropout_p, softmax_scale, causal, window_size, softcap,
                       alibi=alibi is not None, softcap=softcap > 0, bias=bias is not None,
                       varlen=varlen is not None, neg_scale=softmax_scale < 0)
     device = detect(qv.device)
-    plan = select_plan(device, problem, only=forced_path())
+    plan = fwd_plan(device, problem, forced_path())
     return _Prepared(device, problem, plan, qv, kv, vv, bias_view, bias_strides, alibi,
                      softmax_scale, softcap, (left, right), causal_align == "bottom_right",
                      varlen=varlen, dropout_p=dropout_p, dropout_seed=dropout_seed,
@@ -388,8 +389,7 @@ def explain(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_siz
 
 
 def _explanation(p: _Prepared) -> Explanation:
-    from .arch.plan_bwd import select_bwd_plan
     from .backward import needs_autograd
-    bwd = (select_bwd_plan(p.device, p.problem, only=forced_path()) if needs_autograd(p)
+    bwd = (bwd_plan(p.device, p.problem, forced_path()) if needs_autograd(p)
            else None)
     return Explanation(p.device, p.problem, p.plan, bwd, p.dropout_p)

@@ -17,7 +17,8 @@ from . import _arrays
 from .api import (LOG2E, _BIAS_KINDS, _check_4d, _launch, _prepare, _Prepared, _row_strides,
                   _dropout_args, _same_place, _seq_geometry, _vector_ok)
 from .arch import forced_path
-from .arch.plan_bwd import BWD_STAGES, BwdPlan, select_bwd_plan
+from .arch.cache import bwd_plan
+from .arch.plan_bwd import BWD_STAGES, BwdPlan
 from .dropout import require_forward_seed
 
 
@@ -44,7 +45,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale=None, causal=Fals
                  causal_align=causal_align, dropout_seed=dropout_seed,
                  dropout_offset=dropout_offset)
     dv_, ov, lv = _check_grad_inputs(p, dout, out, lse)
-    plan = select_bwd_plan(p.device, p.problem, only=forced_path())
+    plan = bwd_plan(p.device, p.problem, forced_path())
     return _launch_bwd(p, plan, dv_, ov, lv, deterministic)
 
 
@@ -191,7 +192,7 @@ def _function_class():
             if p.varlen is not None:   # the launchers see one sequence of all tokens
                 dout, out, lse = dout.unsqueeze(0), out.unsqueeze(0), lse.unsqueeze(0)
             dov, ov, lv = _check_grad_inputs(p, dout, out, lse)
-            plan = select_bwd_plan(p.device, p.problem, only=forced_path())
+            plan = bwd_plan(p.device, p.problem, forced_path())
             dq, dk, dv = _launch_bwd(p, plan, dov, ov, lv, ctx.deterministic)
             return dq, dk, dv, None, None
 

@@ -183,7 +183,7 @@ def run_split_sweep(batch=8, hq=32, hkv=8, d=128, seqlen=32768, dtype="float16",
     hits them alike."""
     torch = _torch()
     from .arch import plan_decode
-    from .kvcache import _decode_plan
+    from .arch.cache import decode_plan
     saved = (plan_decode.TC_THREADS, plan_decode.TC_L2_HINT)
     results = {}
     try:
@@ -192,7 +192,7 @@ def run_split_sweep(batch=8, hq=32, hkv=8, d=128, seqlen=32768, dtype="float16",
             configs = []
             for nt in threads:
                 plan_decode.TC_THREADS = nt
-                _decode_plan.cache_clear()
+                decode_plan.cache_clear()
                 auto = _portattn_ms(q, kc, vc, None, None)[1].num_splits
                 splits = sorted({auto, 2 * auto} if nt == 128 else {auto})
                 configs += [(nt, hint, min(sp, plan_decode.MAX_SPLITS), sp == auto)
@@ -204,14 +204,14 @@ def run_split_sweep(batch=8, hq=32, hkv=8, d=128, seqlen=32768, dtype="float16",
                     nt, hint, sp, _ = cfg
                     plan_decode.TC_THREADS = nt
                     plan_decode.TC_L2_HINT = hint
-                    _decode_plan.cache_clear()
+                    decode_plan.cache_clear()
                     ms, _ = _portattn_ms(q, kc, vc, None, None, num_splits=sp)
                     results.setdefault((b, s, cfg), []).append(ms)
             del q, kc, vc
             torch.cuda.empty_cache()
     finally:
         plan_decode.TC_THREADS, plan_decode.TC_L2_HINT = saved
-        _decode_plan.cache_clear()
+        decode_plan.cache_clear()
     rows = []
     elt = torch.tensor([], dtype=getattr(torch, dtype)).element_size()
     for (b, s, cfg), times in results.items():

@@ -2,7 +2,6 @@
 keys/values appended in place, GQA packing and split-KV (Flash-Decoding)."""
 from __future__ import annotations
 
-import functools
 import numbers
 import os
 from dataclasses import dataclass
@@ -14,8 +13,8 @@ from .api import (LOG2E, _alibi_view, _check_4d, _host_ints, _int32_array, _same
                   _score_options, _vector_ok)
 from .arch import detect, forced_path
 from .arch.device import DeviceInfo
-from .arch.plan_decode import (MAX_SPLITS, DecodePlan, DecodeProblem,
-                               select_decode_plan)
+from .arch.cache import decode_plan
+from .arch.plan_decode import MAX_SPLITS, DecodePlan, DecodeProblem
 from .spec import DTYPES, MAX_HEAD_DIM
 
 
@@ -216,17 +215,10 @@ def _prepare(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_ta
                             batch=batch, nheads_q=hq, nheads_kv=hkv, paged=paged,
                             num_splits=int(num_splits), aligned=aligned)
     device = detect(qv.device)
-    plan = _decode_plan(device, problem, forced_path())
+    plan = decode_plan(device, problem, forced_path())
     return _KV(device, problem, plan, qv, kc, vc, kn, vn, seq_view, seqlen_const, cidx, table,
                alibi, capacity, softmax_scale, softcap, (left, right),
                causal_align == "top_left")
-
-
-# A decode loop asks for the same plan every step; select_decode_plan is pure, so its
-# result is kept (bench_decode's sweep, which patches plan constants, clears this).
-@functools.lru_cache(maxsize=1024)
-def _decode_plan(device, problem: DecodeProblem, only):
-    return select_decode_plan(device, problem, only=only)
 
 
 # Split-merge counters, one int32 per (batch, KV head, row tile) group, per (device, stream):

@@ -184,9 +184,9 @@ def flash_attn_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens
         if shape != want:
             dims = "(nheads, total_q)" if name == "lse" else "(total_q, nheads, headdim)"
             raise ValueError(f"{name}.shape must be {dims} = {want}, got {shape}")
-    from .arch.plan_bwd import select_bwd_plan
+    from .arch.cache import bwd_plan
     from .backward import _check_grad_inputs, _launch_bwd
     dov, ov, lv = _check_grad_inputs(p, _leading_one(dout, "dout"), _leading_one(out, "out"),
                                      _leading_one(lse, "lse"))
-    plan = select_bwd_plan(p.device, p.problem, only=forced_path())
+    plan = bwd_plan(p.device, p.problem, forced_path())
     return _launch_bwd(p, plan, dov, ov, lv, deterministic)

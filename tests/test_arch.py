@@ -818,3 +818,32 @@ def test_tc_bwd_pairs_cost_p_buffer_and_follow_the_shape_rules():
     assert a100.spec("dkdv") == one and "without warp pairs" in a100.reason
     h100 = select_bwd_plan(device_from_arch(90), Problem(dtype="float16", head_dim=128))
     assert h100.spec("dkdv") == two
+
+
+def test_cached_plans_are_the_pure_planners_answers():
+    from portattn.arch import select_bwd_plan, select_decode_plan, select_plan
+    from portattn.arch.cache import bwd_plan, decode_plan, fwd_plan
+    from portattn.arch.plan_decode import DecodeProblem
+    for cc in (61, 75, 90):
+        dev = device_from_arch(cc)
+        for only in (None, "simt"):
+            p = Problem(dtype="float16", head_dim=72, seqlen_q=97, seqlen_k=1025, causal=True)
+            got = fwd_plan(dev, p, only)
+            assert got == select_plan(dev, p, only=only)
+            assert fwd_plan(dev, p, only) is got
+            assert bwd_plan(dev, p, only) == select_bwd_plan(dev, p, only=only)
+            dp = DecodeProblem(dtype="float16", head_dim=128, seqlen_k=4096, nheads_q=32,
+                               nheads_kv=8, batch=8)
+            assert decode_plan(dev, dp, only) == select_decode_plan(dev, dp, only=only)
+        # The path restriction is part of the key: a forced path is never served the other.
+        assert fwd_plan(dev, p, "simt").path == "simt"
+        assert fwd_plan(dev, p, None) == select_plan(dev, p)
+
+
+def test_cached_plan_errors_are_not_kept():
+    from portattn.arch.cache import fwd_plan
+    dev = device_from_arch(61)
+    p = Problem(dtype="float16", head_dim=64)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="PORTATTN_PATH=sm80"):
+            fwd_plan(dev, p, "sm80")
